@@ -1,0 +1,258 @@
+"""One configuration object, read from the environment with explicit coercion.
+
+Every variable of the API contract is read here and nowhere else. ``Config.from_env``
+never touches the network or the disk; ``Config.validate`` raises ``ConfigError`` with a
+one-line message that entry points print before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIER_LIMITS: dict[str, int] = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
+TIER_ORDER: tuple[str, ...] = ("free", "basic", "premium", "enterprise")
+STRATEGIES: tuple[str, ...] = ("sliding_window", "sliding_window_counter", "fixed_window", "gcra")
+FAIL_MODES: tuple[str, ...] = ("memory", "open", "closed")
+
+
+class ConfigError(ValueError):
+    """The environment describes a configuration the service cannot run with."""
+
+
+def _bool(raw: str | None, default: bool) -> bool:
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected a boolean (true/false), got {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_tier_limits(raw: str | None) -> dict[str, int]:
+    """Parse ``free=5,basic=20`` into a dict over the defaults; unknown tiers are errors."""
+    limits = dict(DEFAULT_TIER_LIMITS)
+    if not raw or not raw.strip():
+        return limits
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in limits:
+            raise ConfigError(
+                f"TIER_LIMITS entry {part.strip()!r} must be tier=N with tier in {', '.join(TIER_ORDER)}"
+            )
+        try:
+            limits[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"TIER_LIMITS value for {name} must be an integer, got {value!r}") from None
+        if limits[name] < 1:
+            raise ConfigError(f"TIER_LIMITS value for {name} must be >= 1")
+    return limits
+
+
+def _csv(raw: str | None) -> list[str]:
+    return [item.strip() for item in (raw or "").split(",") if item.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of one API process. Frozen: config is not changed after setup."""
+
+    env: str = "development"
+    testing: bool = False
+    jwt_secret_key: str = ""
+    jwt_secret_generated: bool = False
+    admin_token: str | None = None
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 7 * 24 * 3600
+    database_url: str = "sqlite:///ratelimiter.db"
+    redis_url: str | None = None
+    storage_url: str = "memory://"
+    strategy: str = "sliding_window"
+    fail_mode: str = "memory"
+    tier_limits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TIER_LIMITS))
+    window_seconds: int = 60
+    ip_rate_limit: int = 100
+    ip_window: int = 60
+    temp_ban_seconds: int = 300
+    ban_multiplier: float = 2.0
+    trusted_proxies: int = 0
+    cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    enable_socketio: bool = True
+    port: int = 5000
+    log_dir: str = "logs"
+    log_level: str = "INFO"
+    log_retention_days: int = 14
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backup_count: int = 5
+    geoip_db_path: str | None = None
+    max_content_length: int = 64 * 1024
+    web_concurrency: int = 1
+    flush_interval: float = 1.0
+    # Abuse detection thresholds: events per window from one source.
+    abuse_window_seconds: int = 300
+    abuse_failed_logins: int = 20
+    abuse_invalid_keys: int = 20
+    abuse_429_storm: int = 50
+    abuse_auto_ban: bool = False
+    # Registration throttle per IP per hour (resource consumption guard).
+    register_per_ip_per_hour: int = 20
+    login_failures_per_ip: int = 10
+    login_failure_window: int = 300
+    # E-mail
+    email_enabled: bool = False
+    smtp_host: str = "localhost"
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_use_tls: bool = True
+    smtp_use_ssl: bool = False
+    smtp_timeout_seconds: float = 10.0
+    email_from: str = "ratelimiter@localhost"
+    alert_email_to: list[str] = dataclasses.field(default_factory=list)
+    email_event_cooldown_seconds: int = 300
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def store_kind(self) -> str:
+        return "redis" if self.storage_url.startswith(("redis://", "rediss://", "unix://")) else "memory"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a Config from ``environ`` (default ``os.environ``) plus keyword overrides."""
+        env = os.environ if environ is None else environ
+        flask_env = (env.get("FLASK_ENV") or "development").strip().lower()
+        secret = env.get("JWT_SECRET_KEY") or ""
+        generated = False
+        if not secret and flask_env != "production":
+            secret = secrets.token_urlsafe(48)
+            generated = True
+        database_url = env.get("DATABASE_URL") or f"sqlite:///{env.get('DB_PATH') or 'ratelimiter.db'}"
+        redis_url = env.get("REDIS_URL") or None
+        cors = _csv(env.get("CORS_ORIGINS")) or ["*"]
+        try:
+            smtp_tls = _bool(env.get("SMTP_USE_TLS"), True)
+            smtp_ssl = _bool(env.get("SMTP_USE_SSL"), False)
+            email_enabled = _bool(env.get("EMAIL_NOTIFICATIONS_ENABLED"), False)
+            socketio = _bool(env.get("ENABLE_SOCKETIO"), flask_env != "production")
+            auto_ban = _bool(env.get("ABUSE_AUTO_BAN"), False)
+        except ConfigError as exc:
+            raise ConfigError(f"boolean setting: {exc}") from None
+        values: dict[str, Any] = dict(
+            env=flask_env,
+            jwt_secret_key=secret,
+            jwt_secret_generated=generated,
+            admin_token=env.get("ADMIN_TOKEN") or None,
+            access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 15 * 60, 1),
+            refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 7 * 24 * 3600, 1),
+            database_url=database_url,
+            redis_url=redis_url,
+            storage_url=redis_url or "memory://",
+            strategy=(env.get("RATELIMIT_STRATEGY") or "sliding_window").strip().lower(),
+            fail_mode=(env.get("RATELIMIT_FAIL_MODE") or "memory").strip().lower(),
+            tier_limits=parse_tier_limits(env.get("TIER_LIMITS")),
+            window_seconds=_int(env, "RATELIMIT_WINDOW", 60, 1),
+            ip_rate_limit=_int(env, "IP_RATE_LIMIT", 100, 1),
+            ip_window=_int(env, "IP_WINDOW", 60, 1),
+            temp_ban_seconds=_int(env, "TEMP_BAN_SECONDS", 300, 1),
+            ban_multiplier=_float(env, "BAN_MULTIPLIER", 2.0, 1.0),
+            trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, 0),
+            cors_origins=cors,
+            enable_socketio=socketio,
+            port=_int(env, "PORT", 5000, 1),
+            log_dir=env.get("LOG_DIR") or "logs",
+            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+            log_retention_days=_int(env, "LOG_RETENTION_DAYS", 14, 1),
+            log_max_bytes=_int(env, "LOG_MAX_BYTES", 10 * 1024 * 1024, 1024),
+            log_backup_count=_int(env, "LOG_BACKUP_COUNT", 5, 0),
+            geoip_db_path=env.get("GEOIP_DB_PATH") or None,
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 64 * 1024, 1024),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", 1, 1),
+            flush_interval=_float(env, "ANALYTICS_FLUSH_SECONDS", 1.0, 0.05),
+            abuse_window_seconds=_int(env, "ABUSE_WINDOW_SECONDS", 300, 1),
+            abuse_failed_logins=_int(env, "ABUSE_FAILED_LOGINS", 20, 1),
+            abuse_invalid_keys=_int(env, "ABUSE_INVALID_KEYS", 20, 1),
+            abuse_429_storm=_int(env, "ABUSE_429_STORM", 50, 1),
+            abuse_auto_ban=auto_ban,
+            register_per_ip_per_hour=_int(env, "REGISTER_PER_IP_PER_HOUR", 20, 1),
+            login_failures_per_ip=_int(env, "LOGIN_FAILURES_PER_IP", 10, 1),
+            login_failure_window=_int(env, "LOGIN_FAILURE_WINDOW", 300, 1),
+            email_enabled=email_enabled,
+            smtp_host=env.get("SMTP_HOST") or "localhost",
+            smtp_port=_int(env, "SMTP_PORT", 465 if smtp_ssl else 587, 1),
+            smtp_username=env.get("SMTP_USERNAME") or None,
+            smtp_password=env.get("SMTP_PASSWORD") or None,
+            smtp_use_tls=smtp_tls and not smtp_ssl,
+            smtp_use_ssl=smtp_ssl,
+            smtp_timeout_seconds=_float(env, "SMTP_TIMEOUT_SECONDS", 10.0, 0.1),
+            email_from=env.get("EMAIL_FROM") or "ratelimiter@localhost",
+            alert_email_to=_csv(env.get("ALERT_EMAIL_TO")),
+            email_event_cooldown_seconds=_int(env, "EMAIL_EVENT_COOLDOWN_SECONDS", 300, 0),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Config:
+        """Raise ConfigError on settings the service must not start with; return self."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.fail_mode not in FAIL_MODES:
+            raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
+        if not self.storage_url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.storage_url!r}")
+        if self.env not in ("development", "production", "testing"):
+            raise ConfigError(f"FLASK_ENV must be development or production, got {self.env!r}")
+        if self.production:
+            if len(self.jwt_secret_key.encode()) < 32:
+                raise ConfigError("JWT_SECRET_KEY must be set to at least 32 bytes when FLASK_ENV=production")
+            if not self.admin_token:
+                raise ConfigError("ADMIN_TOKEN must be set when FLASK_ENV=production")
+            if self.web_concurrency > 1 and self.store_kind == "memory":
+                raise ConfigError(
+                    "WEB_CONCURRENCY > 1 needs REDIS_URL in production: per-process counters multiply every limit"
+                )
+        if self.email_enabled and not self.alert_email_to:
+            raise ConfigError("EMAIL_NOTIFICATIONS_ENABLED=true needs ALERT_EMAIL_TO")
+        return self

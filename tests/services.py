@@ -1,0 +1,88 @@
+"""Reach the real services tests need: Redis, PostgreSQL, Chromium.
+
+Outside CI a missing service is a clear skip; with ``CI=true`` it is a failure, because
+CI promises these services and a silent skip would hide a broken environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+
+import pytest
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str) -> None:
+    """Fail in CI, skip elsewhere, naming the service that could not be reached."""
+    message = f"{what} is not reachable"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: required services must run)")
+    pytest.skip(message)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_redis(url: str = REDIS_URL):
+    """Return a redis client on ``url`` or skip/fail."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError:
+        unavailable(f"Redis at {url}")
+    return client
+
+
+def require_postgres(url: str = POSTGRES_URL) -> str:
+    """Return ``url`` if PostgreSQL answers there, else skip/fail."""
+    if not port_open("127.0.0.1", 5432):
+        unavailable("PostgreSQL at 127.0.0.1:5432")
+    return url
+
+
+def fresh_postgres_database(url: str = POSTGRES_URL) -> tuple[str, callable]:
+    """Create an empty, uniquely named PostgreSQL database; return (url, drop)."""
+    import sqlalchemy as sa
+
+    require_postgres(url)
+    name = f"rl_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    db_url = url.rsplit("/", 1)[0] + "/" + name
+
+    def drop() -> None:
+        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+    return db_url, drop
+
+
+def require_chromium() -> str:
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        unavailable(f"Chromium at {CHROMIUM}")
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
