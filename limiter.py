@@ -1,0 +1,961 @@
+"""Rate-limit algorithms, storage backends and IP bans; framework-agnostic.
+
+``RateLimiter`` makes every decision in one atomic store operation: on ``memory://`` a
+Python function under a lock, on Redis one Lua script (EVALSHA). Both stores return the
+same raw tuples and share the code that turns them into results, so they decide
+identically for the same timeline. Times are integer microseconds of the injected clock,
+passed into the scripts (never Redis TIME), so tests can drive time and app instances agree.
+
+Key names put the subject in a Redis Cluster hash tag (``rl:{k:42}:sw``, ``rl:{ip:1.2.3.4}:ban``).
+``check_request`` touches IP keys, subject keys, flag keys and the ban index in one script:
+fine on standalone Redis (and Sentinel), not on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import os
+import secrets
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+DAY_US = 86_400 * US
+META_TTL_US = DAY_US
+MAX_BAN_US = 30 * DAY_US
+STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+FAIL_MODES = ("memory", "open", "closed")
+PROBE_FIRST_US, PROBE_MAX_US = 1 * US, 30 * US
+CONNECT_TIMEOUT, OP_TIMEOUT = 0.5, 1.0
+
+
+class LimitResult(NamedTuple):
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float
+    retry_after: float
+
+
+class IpDecision(NamedTuple):
+    allowed: bool
+    banned: bool
+    retry_after: float
+    ban_count: int
+    ban_started: bool
+
+
+class RequestDecision(NamedTuple):
+    ip: IpDecision | None
+    result: LimitResult | None
+    tier: str | None
+    blocked: bool
+    meta_missing: bool
+    flags: dict[str, bool]
+
+
+class StoreUnavailable(Exception):
+    """The shared store is down and fail_mode is "closed": the caller answers 503."""
+
+
+# Unique sorted-set members across threads, processes (fork) and hosts.
+_seq = itertools.count()
+_token = [""]
+
+
+def _new_token() -> None:
+    _token[0] = f"{os.getpid():x}.{secrets.token_hex(6)}."
+
+
+_new_token()
+os.register_at_fork(after_in_child=_new_token)
+
+
+def _nonce() -> str:
+    return _token[0] + str(next(_seq))
+
+
+# --------------------------------------------------------------------------- strategies
+# Each strategy is one function in Lua (Redis) and its twin ``apply`` in Python (memory),
+# both returning the raw tuple (allowed, a, b, c); ``result`` (shared) turns it into a
+# LimitResult. ``record=0`` is a peek: same decision, nothing written.
+
+LUA_LIBRARY = """
+local DAY = 86400000000
+local function num(x) return string.format('%d', x) end
+local function ms(us) return num(math.max(1, math.ceil(us / 1000))) end
+local function bucket(now, window)
+  local b = math.floor(now / window)
+  if b * window > now then b = b - 1 end
+  return b
+end
+
+local function sliding_window(key, now, limit, window, cost, record, nonce)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now - window))
+  local count = redis.call('ZCARD', key)
+  local allowed = count + cost <= limit
+  if allowed and record == 1 then
+    for i = 1, cost do redis.call('ZADD', key, num(now), nonce .. ':' .. i) end
+    count = count + cost
+    redis.call('PEXPIRE', key, ms(window))
+  end
+  local oldest, kth = 0, 0
+  if count > 0 then oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) end
+  if not allowed then
+    local idx = count - limit + cost - 1
+    if idx < count then kth = tonumber(redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')[2]) else kth = now end
+  end
+  return {allowed and 1 or 0, count, oldest, kth}
+end
+
+local function fixed_window(key, now, limit, window, cost, record, nonce)
+  local b = bucket(now, window)
+  local st = redis.call('HMGET', key, 'b', 'n')
+  local count = 0
+  if tonumber(st[1]) == b then count = tonumber(st[2]) end
+  local allowed = count + cost <= limit
+  if allowed and record == 1 then
+    count = count + cost
+    redis.call('HSET', key, 'b', num(b), 'n', num(count))
+    redis.call('PEXPIRE', key, ms((b + 1) * window - now))
+  end
+  return {allowed and 1 or 0, count, now - b * window, 0}
+end
+
+local function sliding_window_counter(key, now, limit, window, cost, record, nonce)
+  local b = bucket(now, window)
+  local st = redis.call('HMGET', key, 'b', 'c', 'p')
+  local sb, cur, prev = tonumber(st[1]), tonumber(st[2]) or 0, tonumber(st[3]) or 0
+  if sb ~= b then
+    if sb == b - 1 then prev = cur else prev = 0 end
+    cur = 0
+  end
+  local e = now - b * window
+  local allowed = prev * (window - e) + (cur + cost) * window <= limit * window
+  if allowed and record == 1 then
+    cur = cur + cost
+    redis.call('HSET', key, 'b', num(b), 'c', num(cur), 'p', num(prev))
+    redis.call('PEXPIRE', key, ms((b + 2) * window - now))
+  end
+  return {allowed and 1 or 0, prev, cur, e}
+end
+
+local function gcra(key, now, limit, window, cost, record, nonce)
+  local interval = math.floor(window / limit)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new = tat + cost * interval
+  local allowed = new - now <= window
+  if allowed and record == 1 then
+    tat = new
+    redis.call('SET', key, num(tat), 'PX', ms(tat - now))
+  end
+  return {allowed and 1 or 0, tat, interval, 0}
+end
+
+local function ban_count(hist, now)
+  return redis.call('ZCOUNT', hist, '(' .. num(now - DAY), '+inf')
+end
+
+local function start_ban(ban, hist, index, ip, now, length, base, mult, cap, nonce)
+  redis.call('ZREMRANGEBYSCORE', hist, '-inf', num(now - DAY))
+  local n = redis.call('ZCARD', hist) + 1
+  if length == 0 then length = math.min(math.floor(base * mult ^ (n - 1)), cap) end
+  local u = now + length
+  redis.call('SET', ban, num(u), 'PX', ms(length))
+  redis.call('ZADD', hist, num(now), nonce)
+  redis.call('PEXPIRE', hist, ms(DAY))
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', num(now))
+  redis.call('ZADD', index, num(u), ip)
+  if redis.call('PTTL', index) < length / 1000 then redis.call('PEXPIRE', index, ms(length)) end
+  return n, u
+end
+"""
+
+# KEYS[1] subject key; ARGV now, limit, window, cost, record, nonce
+LUA_HIT = "return {strategy}(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), " \
+    "tonumber(ARGV[5]), ARGV[6])"
+
+# KEYS: ban, ban history, ip log, ban index, meta, subject key, flags...
+# ARGV: now, nonce, ip ('' = exempt), ip_limit, ip_window, ban_us, ban_mult, ban_cap, has_subject,
+#       window, default_limit, tier1, limit1, tier2, limit2, ...
+LUA_CHECK = """
+local now, nonce, ip = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local limits = {}
+for i = 12, #ARGV, 2 do limits[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local function finish(out)
+  for i = 7, #KEYS do
+    local v = tonumber(redis.call('GET', KEYS[i]))
+    out[#out + 1] = (v and v > now) and 1 or 0
+  end
+  return out
+end
+local ip_code, bans = 0, 0
+if ip ~= '' then
+  local until_ = tonumber(redis.call('GET', KEYS[1])) or 0
+  bans = ban_count(KEYS[2], now)
+  if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
+  ip_code = 1
+end
+local tier, blocked, limit = '', 0, 0
+if ARGV[9] == '1' then
+  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked')
+  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
+  tier, blocked = m[1], tonumber(m[2]) or 0
+  limit = limits[tier] or tonumber(ARGV[11])
+end
+if ip ~= '' then
+  local r = sliding_window(KEYS[3], now, tonumber(ARGV[4]), tonumber(ARGV[5]), 1, 1, nonce)
+  if r[1] == 0 then
+    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, tonumber(ARGV[6]), tonumber(ARGV[7]),
+      tonumber(ARGV[8]), nonce)
+    return finish({3, u, n, 0, '', 0, 0, 0, 0, 0, 0})
+  end
+end
+if ARGV[9] ~= '1' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
+if blocked == 1 then return finish({ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit}) end
+local r = {strategy}(KEYS[6], now, limit, tonumber(ARGV[10]), 1, 1, nonce)
+return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
+"""
+
+# KEYS ban, history, index; ARGV now, ip, length_us, nonce
+LUA_BAN = "local n, u = start_ban(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[1]), tonumber(ARGV[3]), " \
+    "0, 1, 0, ARGV[4]) return {n, u}"
+# KEYS ban, ip log, index; ARGV now, ip
+LUA_UNBAN = """
+local active = (tonumber(redis.call('GET', KEYS[1])) or 0) > tonumber(ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return active and 1 or 0
+"""
+
+
+class Strategy:
+    """One algorithm: a Lua function for Redis, ``apply`` for memory, ``result`` shared."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def apply(self, state: Any, now: int, limit: int, window: int, cost: int, record: int) -> tuple[Any, int, tuple]:
+        """Memory twin of the Lua function: (new state, its expiry in us, raw tuple)."""
+        raise NotImplementedError
+
+    def result(self, raw: Sequence[int], now: int, limit: int, window: int, cost: int) -> LimitResult:
+        raise NotImplementedError
+
+
+def _limit_result(allowed: Any, limit: int, used: int, reset_us: int, retry_us: int) -> LimitResult:
+    return LimitResult(bool(allowed), limit, max(0, limit - used), reset_us / US,
+                       0.0 if allowed else max(0, retry_us) / US)
+
+
+class SlidingWindow(Strategy):
+    """Exact sliding log: admitted iff fewer than ``limit`` admitted requests in (now - window, now]."""
+
+    name, suffix = "sliding_window", "sw"
+
+    def apply(self, state, now, limit, window, cost, record):
+        entries = state if state is not None else []
+        cut = bisect.bisect_right(entries, now - window)
+        if cut:
+            del entries[:cut]
+        count = len(entries)
+        allowed = count + cost <= limit
+        if allowed and record:
+            if not entries or entries[-1] <= now:
+                entries.extend([now] * cost)
+            else:
+                for _ in range(cost):
+                    bisect.insort(entries, now)
+            count += cost
+        kth = 0
+        if not allowed:
+            idx = count - limit + cost - 1
+            kth = entries[idx] if idx < count else now
+        oldest = entries[0] if entries else 0
+        return entries, (entries[-1] + window if entries else 0), (allowed, count, oldest, kth)
+
+    def result(self, raw, now, limit, window, cost):
+        allowed, count, oldest, kth = raw
+        return _limit_result(allowed, limit, count, oldest + window if count else now, kth + window - now)
+
+
+class FixedWindow(Strategy):
+    """Counter per aligned window; cheap, allows up to 2x limit across a boundary."""
+
+    name, suffix = "fixed_window", "fw"
+
+    def apply(self, state, now, limit, window, cost, record):
+        b = now // window
+        count = state[1] if state is not None and state[0] == b else 0
+        allowed = count + cost <= limit
+        if allowed and record:
+            count += cost
+            state = (b, count)
+        return state, (b + 1) * window, (allowed, count, now - b * window, 0)
+
+    def result(self, raw, now, limit, window, cost):
+        allowed, count, elapsed, _ = raw
+        end = now - elapsed + window
+        return _limit_result(allowed, limit, count, end, end - now)
+
+
+class SlidingWindowCounter(Strategy):
+    """Two fixed buckets, the previous weighted by its overlap with the window: O(1) memory, approximate."""
+
+    name, suffix = "sliding_window_counter", "swc"
+
+    def apply(self, state, now, limit, window, cost, record):
+        b = now // window
+        sb, cur, prev = state if state is not None else (None, 0, 0)
+        if sb != b:
+            prev = cur if sb == b - 1 else 0
+            cur = 0
+        e = now - b * window
+        allowed = prev * (window - e) + (cur + cost) * window <= limit * window
+        if allowed and record:
+            cur += cost
+            state = (b, cur, prev)
+        return state, (b + 2) * window, (allowed, prev, cur, e)
+
+    def result(self, raw, now, limit, window, cost):
+        allowed, prev, cur, e = raw
+        used = -(-(prev * (window - e) + cur * window) // window)
+        if allowed:
+            retry = 0
+        elif cur + cost <= limit:  # the previous bucket's weight must decay first
+            retry = window - (limit - cur - cost) * window // prev - e
+        elif cost > limit:
+            retry = window
+        else:  # wait for the next bucket, where this bucket becomes the decaying one
+            retry = window - e + (max(0, window - (limit - cost) * window // cur) if cur else 0)
+        return _limit_result(allowed, limit, used, now - e + window, retry)
+
+
+class Gcra(Strategy):
+    """Token bucket as GCRA: one theoretical arrival time per key, a burst of ``limit``, refill window/limit."""
+
+    name, suffix = "gcra", "gcra"
+
+    def apply(self, state, now, limit, window, cost, record):
+        interval = window // limit
+        tat = max(state if state is not None else now, now)
+        allowed = tat + cost * interval - now <= window
+        if allowed and record:
+            tat += cost * interval
+            state = tat
+        return state, tat, (allowed, tat, interval, 0)
+
+    def result(self, raw, now, limit, window, cost):
+        allowed, tat, interval, _ = raw
+        free = limit if interval == 0 else min(limit, (window - (tat - now)) // interval)
+        reset = max(now, tat + interval - window)
+        return _limit_result(allowed, limit, limit - free, reset, tat + cost * interval - window - now)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (SlidingWindow, SlidingWindowCounter, FixedWindow, Gcra)}
+
+
+def get_strategy(name: str) -> Strategy:
+    """Return the strategy registered as ``name``; ValueError naming the valid ones otherwise."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown rate-limit strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None
+
+
+class Keys:
+    """Key names; the subject sits in a hash tag so one subject's keys share a cluster slot."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ban_index = f"{prefix}:bans"
+
+    def subject(self, subject: str, suffix: str) -> str:
+        return f"{self.prefix}:{{k:{subject}}}:{suffix}"
+
+    def ip(self, ip: str, suffix: str) -> str:
+        return f"{self.prefix}:{{ip:{ip}}}:{suffix}"
+
+    def flag(self, name: str) -> str:
+        return f"{self.prefix}:{{f:{name}}}"
+
+    def check_keys(self, ip: str | None, subject: str | None, suffix: str, flags: Sequence[str]) -> list[str]:
+        """KEYS of the check script, in its order; absent parts get a placeholder."""
+        ipk = ip if ip is not None else "-"
+        sub = subject if subject is not None else "-"
+        return [self.ip(ipk, "ban"), self.ip(ipk, "bans"), self.ip(ipk, "sw"), self.ban_index,
+                self.subject(sub, "meta"), self.subject(sub, suffix), *map(self.flag, flags)]
+
+
+# --------------------------------------------------------------------------- stores
+# Both stores offer: hit, check, set_meta, delete_meta, set_flag, has_flag, ban, unban,
+# bans, ping, reset, close. Arguments and raw results are identical.
+
+class MemoryStore:
+    """Per-process store: a dict of key -> [expires_us, value] under one lock, swept as it expires."""
+
+    kind = "memory"
+    SWEEP_EVERY_US = 5 * US
+
+    def __init__(self, keys: Keys, strategy: Strategy) -> None:
+        self.keys = keys
+        self.strategy = strategy
+        self.ip_log = SlidingWindow()
+        self._data: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0
+
+    def _get(self, key: str, now: int) -> Any:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[0] <= now:
+            del self._data[key]
+            return None
+        return item[1]
+
+    def _put(self, key: str, value: Any, expires: int) -> None:
+        self._data[key] = [expires, value]
+
+    def _sweep(self, now: int) -> None:
+        """Drop expired entries every few seconds of clock time so memory stays bounded."""
+        self._next_sweep = now + self.SWEEP_EVERY_US
+        for key in [k for k, item in self._data.items() if item[0] <= now]:
+            del self._data[key]
+
+    def _apply(self, strategy: Strategy, key: str, now: int, limit: int, window: int, cost: int, record: int):
+        current = self._get(key, now)
+        state, expires, raw = strategy.apply(current, now, limit, window, cost, record)
+        if raw[0] and record:
+            self._put(key, state, expires)
+        elif current is not None and not current:  # a sliding log trimmed to nothing
+            del self._data[key]
+        return raw
+
+    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int, nonce: str) -> tuple:
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            return self._apply(self.strategy, key, now, limit, window, cost, record)
+
+    def _ban_count(self, hist_key: str, now: int) -> int:
+        history = self._get(hist_key, now) or []
+        return len(history) - bisect.bisect_right(history, now - DAY_US)
+
+    def _start_ban(self, ip: str, now: int, length: int, base: int, mult: float, cap: int) -> tuple[int, int]:
+        hist_key = self.keys.ip(ip, "bans")
+        history = [t for t in self._get(hist_key, now) or [] if t > now - DAY_US]
+        n = len(history) + 1
+        if length == 0:
+            length = min(math.floor(base * mult ** (n - 1)), cap)
+        until = now + length
+        self._put(self.keys.ip(ip, "ban"), until, until)
+        bisect.insort(history, now)
+        self._put(hist_key, history, now + DAY_US)
+        index = {k: v for k, v in (self._get(self.keys.ban_index, now) or {}).items() if v > now}
+        index[ip] = until
+        self._put(self.keys.ban_index, index, max(index.values()))
+        return n, until
+
+    def check(self, keys: list[str], args: list) -> list:
+        now, nonce, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window, default_limit = args[:11]
+        limits = dict(zip(args[11::2], args[12::2], strict=True))
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            out = self._check(keys, now, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window,
+                              default_limit, limits)
+            out.extend(int((self._get(k, now) or 0) > now) for k in keys[6:])
+            return out
+
+    def _check(self, keys, now, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window, default_limit,
+               limits) -> list:
+        ip_code = bans = 0
+        if ip:
+            until = self._get(keys[0], now) or 0
+            bans = self._ban_count(keys[1], now)
+            if until > now:
+                return [2, until, bans, 0, "", 0, 0, 0, 0, 0, 0]
+            ip_code = 1
+        tier, blocked, limit = "", 0, 0
+        if has_subject == "1":
+            meta = self._get(keys[4], now)
+            if meta is None:
+                return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0, 0]
+            tier, blocked = meta
+            limit = limits.get(tier, default_limit)
+        if ip and not self._apply(self.ip_log, keys[2], now, ip_limit, ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, ban_us, mult, cap)
+            return [3, until, n, 0, "", 0, 0, 0, 0, 0, 0]
+        if has_subject != "1":
+            return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0, 0]
+        if blocked:
+            return [ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit]
+        raw = self._apply(self.strategy, keys[5], now, limit, window, 1, 1)
+        return [ip_code, 0, bans, 2, tier, 0, *raw, limit]
+
+    def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
+        with self._lock:
+            self._put(key, (tier, int(blocked)), now + META_TTL_US)
+
+    def delete_meta(self, key: str, now: int) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def set_flag(self, key: str, now: int, ttl_us: int) -> None:
+        with self._lock:
+            self._put(key, now + ttl_us, now + ttl_us)
+
+    def has_flag(self, key: str, now: int) -> bool:
+        with self._lock:
+            return (self._get(key, now) or 0) > now
+
+    def ban(self, ip: str, now: int, length: int, nonce: str) -> tuple[int, int]:
+        with self._lock:
+            return self._start_ban(ip, now, length, 0, 1.0, 0)
+
+    def unban(self, ip: str, now: int) -> bool:
+        with self._lock:
+            active = (self._get(self.keys.ip(ip, "ban"), now) or 0) > now
+            self._data.pop(self.keys.ip(ip, "ban"), None)
+            self._data.pop(self.keys.ip(ip, "sw"), None)
+            (self._get(self.keys.ban_index, now) or {}).pop(ip, None)
+            return active
+
+    def bans(self, now: int) -> list[tuple[str, int, int]]:
+        with self._lock:
+            index = self._get(self.keys.ban_index, now) or {}
+            return [(ip, until, self._ban_count(self.keys.ip(ip, "bans"), now))
+                    for ip, until in sorted(index.items(), key=lambda kv: kv[1]) if until > now]
+
+    def ping(self) -> None:
+        """The memory store is always there."""
+
+    def reset(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def close(self) -> None:
+        self.reset()
+
+
+class _RespConnection:
+    """A lean RESP2 connection for the hot path: blocking socket with kernel-level timeouts.
+
+    redis-py's per-command machinery costs more than the network round trip on loopback;
+    this connection only sends pre-encoded commands and parses flat replies.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        if "path" in params:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(params["path"])
+        else:
+            sock = socket.create_connection((params.get("host", "localhost"), params.get("port", 6379)),
+                                            timeout=CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if params.get("connection_class") is redis.SSLConnection:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=params.get("host"))
+        if not isinstance(sock, ssl.SSLSocket):  # an SSL socket needs Python-level timeouts
+            timeval = struct.pack("ll", int(OP_TIMEOUT), int(OP_TIMEOUT % 1 * US))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.settimeout(None)
+        else:
+            sock.settimeout(OP_TIMEOUT)
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        if params.get("password"):
+            auth = [params["username"], params["password"]] if params.get("username") else [params["password"]]
+            self.call("AUTH", *auth)
+        if params.get("db"):
+            self.call("SELECT", params["db"])
+
+    def call(self, *args: Any) -> Any:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        try:
+            self.sock.sendall(b"".join(parts))
+            return self._read()
+        except OSError as exc:
+            raise redis.ConnectionError(f"Redis connection lost: {exc}") from exc
+
+    def _read(self) -> Any:
+        line = self.reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise redis.ConnectionError("Redis closed the connection or timed out")
+        kind, body = line[:1], line[1:-2]
+        if kind == b":":
+            return int(body)
+        if kind == b"$":
+            size = int(body)
+            return None if size < 0 else self.reader.read(size + 2)[:-2]
+        if kind == b"*":
+            size = int(body)
+            return None if size < 0 else [self._read() for _ in range(size)]
+        if kind == b"+":
+            return body
+        if body.startswith(b"NOSCRIPT"):
+            raise redis.exceptions.NoScriptError(body.decode(errors="replace"))
+        raise redis.ResponseError(body.decode(errors="replace"))
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class RedisStore:
+    """Shared store: hot-path scripts over lean pooled connections, cold paths over redis-py."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, keys: Keys, strategy: Strategy) -> None:
+        self.keys = keys
+        self._params = parse_url(url)
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                                            retry=Retry(NoBackoff(), 0))
+        self._idle: list[_RespConnection] = []
+        self._pid = os.getpid()
+        sources = {
+            "hit": LUA_HIT.format(strategy=strategy.name),
+            "check": LUA_CHECK.replace("{strategy}", strategy.name),
+            "ban": LUA_BAN,
+            "unban": LUA_UNBAN,
+        }
+        self._scripts = {name: LUA_LIBRARY + body for name, body in sources.items()}
+        self._sha: dict[str, bytes] = {}
+
+    def _conn(self) -> _RespConnection:
+        if self._pid != os.getpid():  # forked: never share a parent's sockets
+            self._idle, self._pid = [], os.getpid()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            try:
+                return _RespConnection(self._params)
+            except OSError as exc:
+                raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA, loading the script on first use or after a NOSCRIPT (e.g. Redis restarted)."""
+        conn = self._conn()
+        try:
+            sha = self._sha.get(name) or self._load(conn, name)
+            try:
+                reply = conn.call(b"EVALSHA", sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                reply = conn.call(b"EVALSHA", self._load(conn, name), len(keys), *keys, *args)
+        except redis.ConnectionError:
+            conn.close()
+            raise
+        self._idle.append(conn)
+        return reply
+
+    def _load(self, conn: _RespConnection, name: str) -> bytes:
+        self._sha[name] = sha = conn.call(b"SCRIPT", b"LOAD", self._scripts[name])
+        return sha
+
+    def ping(self) -> None:
+        conn = self._conn()
+        try:
+            conn.call(b"PING")
+            for name in self._scripts:
+                self._load(conn, name)
+        except redis.ConnectionError:
+            conn.close()
+            raise
+        self._idle.append(conn)
+
+    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int, nonce: str) -> list:
+        return self._eval("hit", (key,), (now, limit, window, cost, record, nonce))
+
+    def check(self, keys: list[str], args: list) -> list:
+        out = self._eval("check", keys, args)
+        out[4] = out[4].decode()
+        return out
+
+    def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
+        with self._client.pipeline() as pipe:
+            pipe.hset(key, mapping={"tier": tier, "blocked": int(blocked)}).pexpire(key, META_TTL_US // 1000)
+            pipe.execute()
+
+    def delete_meta(self, key: str, now: int) -> None:
+        self._client.delete(key)
+
+    def set_flag(self, key: str, now: int, ttl_us: int) -> None:
+        self._client.set(key, now + ttl_us, px=max(1, ttl_us // 1000))
+
+    def has_flag(self, key: str, now: int) -> bool:
+        return int(self._client.get(key) or 0) > now
+
+    def ban(self, ip: str, now: int, length: int, nonce: str) -> tuple[int, int]:
+        keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "bans"), self.keys.ban_index)
+        n, until = self._eval("ban", keys, (now, ip, length, nonce))
+        return n, until
+
+    def unban(self, ip: str, now: int) -> bool:
+        keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "sw"), self.keys.ban_index)
+        return bool(self._eval("unban", keys, (now, ip)))
+
+    def bans(self, now: int) -> list[tuple[str, int, int]]:
+        self._client.zremrangebyscore(self.keys.ban_index, "-inf", now)
+        entries = self._client.zrange(self.keys.ban_index, 0, -1, withscores=True)
+        with self._client.pipeline(transaction=False) as pipe:
+            for ip, _ in entries:
+                pipe.zcount(self.keys.ip(ip.decode(), "bans"), f"({now - DAY_US}", "+inf")
+            counts = pipe.execute()
+        return [(ip.decode(), int(until), n) for (ip, until), n in zip(entries, counts, strict=True)]
+
+    def reset(self) -> None:
+        batch = []
+        for key in self._client.scan_iter(match=self.keys.prefix + ":*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                self._client.delete(*batch)
+                batch = []
+        if batch:
+            self._client.delete(*batch)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+        self._client.close()
+
+
+# --------------------------------------------------------------------------- the limiter
+
+class RateLimiter:
+    """Rate limiter with IP bans, subject meta and flags over a memory or Redis store.
+
+    When Redis is unreachable, ``fail_mode`` decides: "memory" falls back to a per-process
+    store and re-probes with backoff, "open" admits everything (answers from the fallback
+    store for meta and flags), "closed" raises StoreUnavailable. No redis exception escapes.
+    """
+
+    def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
+                 tier_limits: dict[str, int], window: int = 60, ip_limit: int = 100, ip_window: int = 60,
+                 ban_seconds: int = 300, ban_multiplier: float = 2.0, fail_mode: str = "memory",
+                 key_prefix: str = "rl", clock: Callable[[], float] = time.time) -> None:
+        if not storage_url.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}")
+        if fail_mode not in FAIL_MODES:
+            raise ValueError(f"unknown fail_mode {fail_mode!r}; valid: {', '.join(FAIL_MODES)}")
+        if not tier_limits:
+            raise ValueError("tier_limits must name at least one tier")
+        self.strategy = get_strategy(strategy)
+        self.tier_limits = dict(tier_limits)
+        self.default_limit = tier_limits.get("free", min(tier_limits.values()))
+        self.window, self.ip_limit, self.ip_window = window, ip_limit, ip_window
+        self.ban_seconds, self.ban_multiplier = ban_seconds, ban_multiplier
+        self.fail_mode = fail_mode
+        self.keys = Keys(key_prefix)
+        self._clock = clock
+        self._tier_args = [x for item in self.tier_limits.items() for x in item]
+        self._fallback = MemoryStore(self.keys, self.strategy)
+        self._store: MemoryStore | RedisStore = self._fallback
+        self._down = False
+        self._probe_delay = PROBE_FIRST_US
+        self._next_probe = 0
+        self._pending: dict[str, tuple[str, tuple]] = {}  # writes made while down, replayed on recovery
+        self._state_lock = threading.Lock()
+        if storage_url.startswith("memory://"):
+            return
+        self._store = RedisStore(storage_url, self.keys, self.strategy)
+        try:
+            self._store.ping()
+        except redis.RedisError as exc:
+            self._mark_down(exc, self._now())
+
+    @classmethod
+    def from_config(cls, config: Any, clock: Callable[[], float] = time.time) -> RateLimiter:
+        """Build from ``config.Config``."""
+        return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
+                   ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
+                   ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, clock=clock)
+
+    @property
+    def store_kind(self) -> str:
+        """The configured store ("memory" or "redis"), also while falling back."""
+        return self._store.kind
+
+    def _now(self) -> int:
+        return int(self._clock() * US)
+
+    # ---- fail modes
+    def _mark_down(self, exc: Exception, now: int) -> None:
+        with self._state_lock:
+            if not self._down:
+                log.warning("rate-limit store unreachable (%s); fail_mode=%s until it answers again", exc,
+                            self.fail_mode)
+                self._down, self._probe_delay = True, PROBE_FIRST_US
+            self._next_probe = now + self._probe_delay
+
+    def _try_recover(self, now: int) -> bool:
+        """Re-probe Redis when the backoff allows; True when it is back."""
+        if now < self._next_probe:
+            return False
+        with self._state_lock:
+            if not self._down:
+                return True
+            self._next_probe = now + PROBE_MAX_US  # one prober at a time
+        try:
+            self._store.ping()
+            self._replay_pending()
+        except redis.RedisError:
+            with self._state_lock:
+                self._probe_delay = min(self._probe_delay * 2, PROBE_MAX_US)
+                self._next_probe = now + self._probe_delay
+            return False
+        with self._state_lock:
+            self._down = False
+            self._fallback.reset()
+        log.warning("rate-limit store reachable again; shared limits restored")
+        return True
+
+    def _replay_pending(self) -> None:
+        for op, args in list(self._pending.values()):
+            getattr(self._store, op)(*args)
+        self._pending.clear()
+
+    def _exec(self, op: str, *args: Any) -> tuple[Any, bool]:
+        """Run ``op`` on the store: (raw, degraded). Falls back, or raises StoreUnavailable."""
+        if not self._down or self._try_recover(self._now()):
+            try:
+                return getattr(self._store, op)(*args), False
+            except redis.RedisError as exc:
+                self._mark_down(exc, self._now())
+        if self.fail_mode == "closed":
+            raise StoreUnavailable("rate-limit store is unreachable")
+        if op in ("set_meta", "delete_meta", "set_flag", "ban", "unban") and len(self._pending) < 100_000:
+            self._pending.pop(args[0], None)  # the latest write per key wins, in order
+            self._pending[args[0]] = (op, args)
+        return getattr(self._fallback, op)(*args), True
+
+    def health(self) -> str:
+        """"ok", or "degraded" while the shared store is unreachable (re-probes when due)."""
+        if self._down and not self._try_recover(self._now()):
+            return "degraded"
+        return "ok"
+
+    # ---- limits
+    def _limit(self, subject: str, limit: int, window: int | None, cost: int, record: int) -> LimitResult:
+        if cost < 1:
+            raise ValueError("cost must be >= 1")
+        now = self._now()
+        win = (window or self.window) * US
+        raw, degraded = self._exec("hit", self.keys.subject(subject, self.strategy.suffix), now, limit, win, cost,
+                                   record, _nonce())
+        if degraded and self.fail_mode == "open":
+            return LimitResult(True, limit, max(0, limit - cost), (now + win) / US, 0.0)
+        return self.strategy.result(raw, now, limit, win, cost)
+
+    def hit(self, subject: str, limit: int, window: int | None = None, cost: int = 1) -> LimitResult:
+        """Atomically decide and, if admitted, record ``cost`` requests for ``subject``."""
+        return self._limit(subject, limit, window, cost, 1)
+
+    def peek(self, subject: str, limit: int, window: int | None = None) -> LimitResult:
+        """What ``hit`` would answer now for one request, consuming nothing."""
+        return self._limit(subject, limit, window, 1, 0)
+
+    def check_request(self, ip: str | None, subject: str | None, flags: Sequence[str] = ()) -> RequestDecision:
+        """The hot path in one store round trip: IP ban and limit, subject meta, subject hit, flags.
+
+        When the subject's meta is missing nothing is recorded (not even the IP hit): the
+        caller loads tier/blocked from the database, calls ``set_meta`` and calls again.
+        """
+        now = self._now()
+        win = self.window * US
+        keys = self.keys.check_keys(ip, subject, self.strategy.suffix, flags)
+        args = [now, _nonce(), ip or "", self.ip_limit, self.ip_window * US, self.ban_seconds * US,
+                self.ban_multiplier, MAX_BAN_US, "1" if subject is not None else "0", win, self.default_limit,
+                *self._tier_args]
+        raw, degraded = self._exec("check", keys, args)
+        return self._decision(raw, now, ip, win, flags, degraded and self.fail_mode == "open")
+
+    def _decision(self, raw: list, now: int, ip: str | None, win: int, flags: Sequence[str],
+                  opened: bool) -> RequestDecision:
+        ip_code, until, bans, meta_code, tier, blocked, allowed, a, b, c, limit = raw[:11]
+        flag_map = {name: bool(v) for name, v in zip(flags, raw[11:], strict=True)}
+        ip_decision = None
+        if ip is not None:
+            refused = ip_code >= 2
+            if opened:
+                ip_decision = IpDecision(True, False, 0.0, bans, False)
+            else:
+                ip_decision = IpDecision(not refused, refused, max(0, until - now) / US if refused else 0.0, bans,
+                                         ip_code == 3)
+            if refused and not opened:
+                return RequestDecision(ip_decision, None, None, False, False, flag_map)
+        result = None
+        if meta_code == 2:
+            result = (LimitResult(True, limit, max(0, limit - 1), (now + win) / US, 0.0) if opened
+                      else self.strategy.result((allowed, a, b, c), now, limit, win, 1))
+        return RequestDecision(ip_decision, result, tier or None, bool(blocked), meta_code == 1, flag_map)
+
+    # ---- meta, flags, bans
+    def set_meta(self, subject: str, *, tier: str, blocked: bool) -> None:
+        """Store the subject's tier and blocked flag where check_request reads them (TTL one day)."""
+        self._exec("set_meta", self.keys.subject(subject, "meta"), self._now(), tier, blocked)
+
+    def delete_meta(self, subject: str) -> None:
+        """Forget the subject's meta (e.g. key deleted); the next check reports meta_missing."""
+        self._exec("delete_meta", self.keys.subject(subject, "meta"), self._now())
+
+    def set_flag(self, name: str, ttl: int) -> None:
+        """Set a flag (e.g. ``revoked:<jti>``) for ``ttl`` seconds, seen by every worker."""
+        self._exec("set_flag", self.keys.flag(name), self._now(), ttl * US)
+
+    def has_flag(self, name: str) -> bool:
+        return bool(self._exec("has_flag", self.keys.flag(name), self._now())[0])
+
+    def ban_ip(self, ip: str, seconds: int) -> None:
+        """Ban ``ip`` for ``seconds`` (counts as a ban for escalation)."""
+        self._exec("ban", ip, self._now(), seconds * US, _nonce())
+
+    def unban_ip(self, ip: str) -> bool:
+        """Lift a ban and forget the IP's recent requests; True if a ban was active."""
+        return bool(self._exec("unban", ip, self._now())[0])
+
+    def list_bans(self) -> list[dict]:
+        """Active bans from the ban index: [{"ip", "expires_epoch", "ban_count"}]."""
+        entries, _ = self._exec("bans", self._now())
+        return [{"ip": ip, "expires_epoch": math.ceil(until / US), "ban_count": n} for ip, until, n in entries]
+
+    def reset(self) -> None:
+        """Testing helper: forget every key under this limiter's prefix."""
+        self._fallback.reset()
+        if self._store is not self._fallback:
+            try:
+                self._store.reset()
+            except redis.RedisError as exc:
+                log.warning("reset could not reach Redis: %s", exc)
+
+    def close(self) -> None:
+        """Close connections; the limiter must not be used afterwards."""
+        try:
+            self._store.close()
+        except redis.RedisError:
+            pass
+        self._fallback.close()
