@@ -72,7 +72,7 @@ def format_body(event: str, subject: str, details: Mapping[str, str], timestamp:
         lines += ["", "Details:"]
         for name, value in details.items():
             lines.append(f"  {name}: " + value.replace("\n", "\n    "))
-    lines += ["", "-- ", "Sent by the API Rate Limiter notifier. Repeats of this event are suppressed for a while."]
+    lines += ["", "-- ", "Sent by the API Rate Limiter notifier."]
     return mask_api_key("\n".join(lines)) + "\n"
 
 
@@ -191,6 +191,18 @@ class Notifier:
             self._queue.append((event, str(subject), texts, now))
             self._cond.notify()
         return True
+
+    def notify_alert(self, alert: Any) -> bool:
+        """Mail a log_manager ``Alert``; usable directly as ``AbuseDetector(on_alert=notifier.notify_alert)``.
+
+        A 429 storm on a key becomes ``rate_limit_spike`` about the key prefix; every other
+        kind becomes ``abuse_alert`` about ``"<kind> from <source>"``.
+        """
+        details = alert.to_dict()
+        details.update({f"detail.{name}": value for name, value in details.pop("details").items()})
+        if alert.kind == "rate_limited":
+            return self.notify(RATE_LIMIT_SPIKE, alert.source, details)
+        return self.notify(ABUSE_ALERT, alert.summary, details)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Send what is queued, then stop the thread; True when it stopped within ``timeout``."""

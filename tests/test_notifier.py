@@ -24,6 +24,7 @@ from services import free_port
 
 import notifier as notifier_module
 from config import Config
+from log_manager import AbuseDetector
 from notifier import EVENTS, KEY_BLOCKED, Notifier, SmtpSender, format_subject, header_safe
 
 USERNAME = "alerts@example.test"
@@ -291,6 +292,25 @@ def test_full_api_key_in_subject_or_details_is_masked(make_notifier):
 
     assert full_key not in sent[0].as_string()
     assert "rl_1a2b3c4d…" in sent[0]["Subject"]
+
+
+def test_abuse_alerts_map_to_abuse_alert_and_rate_limit_spike(make_notifier):
+    sent: list[EmailMessage] = []
+    notifier = make_notifier(make_config(1), sender=sent.append)
+    abuse = AbuseDetector(
+        window_seconds=60, thresholds={"failed_login": 1, "rate_limited": 1}, on_alert=notifier.notify_alert
+    )
+
+    abuse.record("failed_login", "203.0.113.9", username="alice")
+    abuse.record("rate_limited", "rl_ab12cd34")
+    wait_until(lambda: len(sent) == 2)
+
+    assert [m["Subject"] for m in sent] == [
+        "[RateLimiter] Abuse alert: failed_login from 203.0.113.9",
+        "[RateLimiter] Rate-limit spike: rl_ab12cd34",
+    ]
+    body = sent[0].get_content()
+    assert "detail.username: alice" in body and "severity: warning" in body and "count: 1" in body
 
 
 def test_full_queue_drops_and_counts(make_notifier):
