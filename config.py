@@ -99,12 +99,14 @@ class Config:
     jwt_secret_key: str = ""
     jwt_secret_generated: bool = False
     admin_token: str | None = None
+    bcrypt_rounds: int = 12
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
     database_url: str = "sqlite:///ratelimiter.db"
     redis_url: str | None = None
     storage_url: str = "memory://"
     strategy: str = "sliding_window"
+    key_prefix: str = "rl"
     fail_mode: str = "memory"
     tier_limits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TIER_LIMITS))
     window_seconds: int = 60
@@ -182,12 +184,14 @@ class Config:
             jwt_secret_key=secret,
             jwt_secret_generated=generated,
             admin_token=env.get("ADMIN_TOKEN") or None,
+            bcrypt_rounds=_int(env, "BCRYPT_ROUNDS", 12, 4),
             access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 15 * 60, 1),
             refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 7 * 24 * 3600, 1),
             database_url=database_url,
             redis_url=redis_url,
             storage_url=redis_url or "memory://",
             strategy=(env.get("RATELIMIT_STRATEGY") or "sliding_window").strip().lower(),
+            key_prefix=(env.get("RATELIMIT_KEY_PREFIX") or "rl").strip(),
             fail_mode=(env.get("RATELIMIT_FAIL_MODE") or "memory").strip().lower(),
             tier_limits=parse_tier_limits(env.get("TIER_LIMITS")),
             window_seconds=_int(env, "RATELIMIT_WINDOW", 60, 1),

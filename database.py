@@ -1,0 +1,491 @@
+"""Database schema, versioned migrations, data access helpers and the ``python database.py`` CLI.
+
+SQLAlchemy Core (no ORM): every statement is built from the tables below, so values are
+always bound parameters. SQLite is the default (WAL, busy timeout); PostgreSQL is used when
+``DATABASE_URL`` says so (pooled, pre-pinged, and disposed after a fork).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("email", sa.String(254)),
+    sa.Column("password_hash", sa.String(128), nullable=False),
+    sa.Column("tier", sa.String(16), nullable=False, server_default="free"),
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.CheckConstraint("tier IN ('free', 'basic', 'premium', 'enterprise')", name="ck_users_tier"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(100), nullable=False, server_default=""),
+    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("blocked_reason", sa.String(500)),
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("last_used_at", sa.DateTime),
+)
+
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("family_id", sa.String(64), nullable=False, index=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("used_at", sa.DateTime),
+    sa.Column("revoked_at", sa.DateTime),
+)
+
+revoked_tokens = sa.Table(
+    "revoked_tokens",
+    metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer),
+    sa.Column("expires_at", sa.DateTime, nullable=False, index=True),
+    sa.Column("revoked_at", sa.DateTime, nullable=False),
+)
+
+usage_counters = sa.Table(
+    "usage_counters",
+    metadata,
+    sa.Column("subject", sa.String(64), primary_key=True),
+    sa.Column("bucket_start", sa.DateTime, primary_key=True),
+    sa.Column("key_id", sa.Integer, index=True),
+    sa.Column("user_id", sa.Integer, index=True),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("allowed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("limited", sa.Integer, nullable=False, server_default="0"),
+)
+sa.Index("ix_usage_counters_bucket_start", usage_counters.c.bucket_start)
+
+request_logs = sa.Table(
+    "request_logs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("timestamp", sa.DateTime, nullable=False, index=True),
+    sa.Column("level", sa.String(10), nullable=False),
+    sa.Column("method", sa.String(10), nullable=False),
+    sa.Column("path", sa.String(500), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("ip", sa.String(64)),
+    sa.Column("key_prefix", sa.String(32)),
+    sa.Column("user_id", sa.Integer),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("message", sa.String(500), nullable=False, server_default=""),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("timestamp", sa.DateTime, nullable=False, index=True),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(50), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("details", sa.Text, nullable=False, server_default="{}"),
+)
+
+ip_bans = sa.Table(
+    "ip_bans",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("ip", sa.String(64), nullable=False, index=True),
+    sa.Column("banned_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("ban_count", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("reason", sa.String(200), nullable=False, server_default=""),
+    sa.Column("lifted_at", sa.DateTime),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("timestamp", sa.DateTime, nullable=False, index=True),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("severity", sa.String(10), nullable=False, server_default="warning"),
+    sa.Column("details", sa.Text, nullable=False, server_default="{}"),
+)
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
+VALID_TIERS = ("free", "basic", "premium", "enterprise")
+
+
+class DatabaseError(Exception):
+    """The database is unreachable, broken, or not at the schema this code expects."""
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: every DateTime column stores UTC without tzinfo."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """ISO 8601 UTC with a trailing Z, as the API contract wants."""
+    if value is None:
+        return None
+    return value.replace(microsecond=0).isoformat() + "Z"
+
+
+# --- migrations -------------------------------------------------------------------------
+
+def _migration_1(conn: Connection) -> None:
+    """Initial schema: every table in ``metadata``."""
+    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_migrations])
+
+
+MIGRATIONS: list[tuple[int, str, Any]] = [
+    (1, "initial schema", _migration_1),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(conn: Connection) -> int:
+    if not sa.inspect(conn).has_table("schema_migrations"):
+        return 0
+    return conn.execute(sa.select(sa.func.coalesce(sa.func.max(schema_migrations.c.version), 0))).scalar_one()
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply pending migrations in order, each in its own transaction; return the versions applied."""
+    applied: list[int] = []
+    with engine.begin() as conn:
+        schema_migrations.create(conn, checkfirst=True)
+    for version, name, step in MIGRATIONS:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Several workers may start at once: serialise migrations on an advisory lock.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+            if current_version(conn) >= version:
+                continue
+            step(conn)
+            conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=utcnow()))
+            applied.append(version)
+            log.info("applied migration %s (%s)", version, name)
+    return applied
+
+
+# --- engine -------------------------------------------------------------------------------
+
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with the settings each backend needs under several workers."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise DatabaseError(f"DATABASE_URL is not a valid SQLAlchemy URL: {url!r}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            folder = os.path.dirname(os.path.abspath(parsed.database))
+            if not os.path.isdir(folder):
+                raise DatabaseError(f"directory for DB_PATH does not exist: {folder}")
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    try:
+        return sa.create_engine(
+            url,
+            pool_size=5,
+            max_overflow=10,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+        )
+    except (ImportError, sa.exc.NoSuchModuleError) as exc:
+        raise DatabaseError(f"no driver for {parsed.get_backend_name()}: {exc}") from None
+
+
+def after_fork(engine: Engine) -> None:
+    """Drop pooled connections inherited from a parent process (gunicorn preload)."""
+    engine.dispose(close=False)
+
+
+# --- checks ----------------------------------------------------------------------------
+
+def _type_family(column_type: Any) -> str:
+    name = type(column_type).__name__.upper()
+    for family, words in (
+        ("int", ("INT", "SERIAL")),
+        ("bool", ("BOOL",)),
+        ("float", ("FLOAT", "REAL", "DOUBLE", "NUMERIC")),
+        ("datetime", ("DATETIME", "TIMESTAMP")),
+        ("text", ("CHAR", "TEXT", "STRING", "CLOB")),
+    ):
+        if any(word in name for word in words):
+            return family
+    return name.lower()
+
+
+def schema_differences(conn: Connection) -> list[str]:
+    """Compare the live schema with ``metadata``: missing tables, columns, type families, indexes."""
+    inspector = sa.inspect(conn)
+    problems: list[str] = []
+    for table in metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            problems.append(f"missing table {table.name}")
+            continue
+        live = {col["name"]: col for col in inspector.get_columns(table.name)}
+        for column in table.columns:
+            found = live.get(column.name)
+            if found is None:
+                problems.append(f"missing column {table.name}.{column.name}")
+                continue
+            want, got = _type_family(column.type), _type_family(found["type"])
+            if want != got and not (want == "bool" and got == "int"):
+                problems.append(f"column {table.name}.{column.name} is {got}, expected {want}")
+            if bool(found["nullable"]) != bool(column.nullable) and not column.primary_key:
+                problems.append(f"column {table.name}.{column.name} nullable={found['nullable']}")
+        live_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes(table.name)}
+        live_indexes |= {tuple(uc["column_names"]) for uc in inspector.get_unique_constraints(table.name)}
+        for index in table.indexes:
+            cols = tuple(c.name for c in index.columns)
+            if cols not in live_indexes:
+                problems.append(f"missing index on {table.name}({', '.join(cols)})")
+        for column in table.columns:
+            if column.unique and (column.name,) not in live_indexes:
+                problems.append(f"missing unique constraint on {table.name}.{column.name}")
+    return problems
+
+
+def check(engine: Engine) -> list[str]:
+    """Schema is at the latest migration and matches the code; returns problems (empty = ok)."""
+    with engine.connect() as conn:
+        version = current_version(conn)
+        problems = [] if version == SCHEMA_VERSION else [f"schema version {version}, code expects {SCHEMA_VERSION}"]
+        problems += schema_differences(conn)
+    return problems
+
+
+def verify(engine: Engine) -> list[str]:
+    """Integrity checks on the data: orphans, bad tiers, duplicate or malformed key records."""
+    problems: list[str] = []
+    with engine.connect() as conn:
+        orphan_keys = conn.execute(
+            sa.select(sa.func.count()).select_from(api_keys.outerjoin(users, api_keys.c.user_id == users.c.id))
+            .where(users.c.id.is_(None))
+        ).scalar_one()
+        if orphan_keys:
+            problems.append(f"{orphan_keys} API key(s) belong to no user")
+        bad_tiers = conn.execute(
+            sa.select(sa.func.count()).select_from(users).where(users.c.tier.not_in(VALID_TIERS))
+        ).scalar_one()
+        if bad_tiers:
+            problems.append(f"{bad_tiers} user(s) have an unknown tier")
+        bad_hashes = conn.execute(
+            sa.select(sa.func.count()).select_from(api_keys).where(sa.func.length(api_keys.c.key_hash) != 64)
+        ).scalar_one()
+        if bad_hashes:
+            problems.append(f"{bad_hashes} API key(s) have a malformed hash")
+        orphan_tokens = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(refresh_tokens.outerjoin(users, refresh_tokens.c.user_id == users.c.id))
+            .where(users.c.id.is_(None))
+        ).scalar_one()
+        if orphan_tokens:
+            problems.append(f"{orphan_tokens} refresh token(s) belong to no user")
+        negative = conn.execute(
+            sa.select(sa.func.count()).select_from(usage_counters)
+            .where(sa.or_(usage_counters.c.allowed < 0, usage_counters.c.limited < 0))
+        ).scalar_one()
+        if negative:
+            problems.append(f"{negative} usage counter row(s) are negative")
+    return problems
+
+
+def backup(engine: Engine, target: str) -> str:
+    """Online backup of a SQLite database to ``target`` (consistent while the app runs)."""
+    if engine.dialect.name != "sqlite":
+        raise DatabaseError(
+            "backup works on SQLite only; for PostgreSQL use pg_dump, e.g. pg_dump -Fc DBNAME > backup.dump"
+        )
+    source_path = engine.url.database
+    if not source_path or source_path == ":memory:":
+        raise DatabaseError("an in-memory SQLite database cannot be backed up")
+    if os.path.abspath(target) == os.path.abspath(source_path):
+        raise DatabaseError("backup target is the database itself")
+    source = sqlite3.connect(source_path)
+    try:
+        dest = sqlite3.connect(target)
+        try:
+            source.backup(dest)
+        finally:
+            dest.close()
+    finally:
+        source.close()
+    return target
+
+
+def purge_expired(engine: Engine, *, log_retention_days: int = 14) -> dict[str, int]:
+    """Delete spent tokens and request logs past retention; return rows removed per table."""
+    now = utcnow()
+    removed: dict[str, int] = {}
+    with engine.begin() as conn:
+        removed["revoked_tokens"] = conn.execute(
+            revoked_tokens.delete().where(revoked_tokens.c.expires_at < now)
+        ).rowcount
+        removed["refresh_tokens"] = conn.execute(
+            refresh_tokens.delete().where(refresh_tokens.c.expires_at < now)
+        ).rowcount
+        removed["request_logs"] = conn.execute(
+            request_logs.delete().where(request_logs.c.timestamp < now - dt.timedelta(days=log_retention_days))
+        ).rowcount
+    return removed
+
+
+# --- batched writes (called from background writers, never on the request path) --------
+
+def _upsert(conn: Connection):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(usage_counters)
+
+
+def add_usage(engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
+    """Add allowed/limited counts per (subject, minute bucket) in one transaction."""
+    if not rows:
+        return
+    with engine.begin() as conn:
+        stmt = _upsert(conn)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[usage_counters.c.subject, usage_counters.c.bucket_start],
+            set_={
+                "allowed": usage_counters.c.allowed + stmt.excluded.allowed,
+                "limited": usage_counters.c.limited + stmt.excluded.limited,
+                "tier": stmt.excluded.tier,
+            },
+        )
+        conn.execute(stmt, list(rows))
+
+
+def add_request_logs(engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(request_logs.insert(), list(rows))
+
+
+def touch_keys(engine: Engine, last_used: dict[int, dt.datetime]) -> None:
+    """Record last use per key id (batched: one UPDATE per key per flush, not per request)."""
+    if not last_used:
+        return
+    with engine.begin() as conn:
+        conn.execute(
+            api_keys.update().where(api_keys.c.id == sa.bindparam("kid")).values(last_used_at=sa.bindparam("ts")),
+            [{"kid": kid, "ts": ts} for kid, ts in last_used.items()],
+        )
+
+
+def add_audit(conn: Connection, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+    conn.execute(
+        audit_log.insert().values(
+            timestamp=utcnow(), actor=actor[:100], action=action[:50], target=target[:200],
+            details=json.dumps(details, default=str),
+        )
+    )
+
+
+def rows_as_dicts(result: Iterable[Any]) -> list[dict[str, Any]]:
+    return [dict(row._mapping) for row in result]
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def database_url_from_env(environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("DATABASE_URL") or f"sqlite:///{env.get('DB_PATH') or 'ratelimiter.db'}"
+
+
+def _describe(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python database.py",
+        description="Create or migrate the database (no command), or check, verify, back up, or purge it.",
+    )
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: DATABASE_URL, else sqlite:///DB_PATH)")
+    sub = parser.add_subparsers(dest="command", metavar="{migrate,check,verify,backup,purge}")
+    sub.add_parser("migrate", help="apply pending migrations (the default)")
+    sub.add_parser("check", help="schema is at the latest version and matches the code")
+    sub.add_parser("verify", help="data integrity: orphan keys, unknown tiers, malformed rows")
+    backup_parser = sub.add_parser("backup", help="online backup of a SQLite database")
+    backup_parser.add_argument("path", nargs="?", help="target file (default: <db>.backup-<timestamp>)")
+    sub.add_parser("purge", help="delete expired tokens and request logs past retention")
+    args = parser.parse_args(argv)
+    url = args.database_url or database_url_from_env()
+    command = args.command or "migrate"
+    try:
+        engine = make_engine(url)
+        if command == "migrate":
+            applied = migrate(engine)
+            print(f"{_describe(url)}: schema at version {SCHEMA_VERSION}"
+                  + (f" (applied {', '.join(map(str, applied))})" if applied else " (already current)"))
+            return 0
+        if command == "backup":
+            target = args.path or f"{engine.url.database}.backup-{utcnow():%Y%m%d%H%M%S}"
+            print(f"backed up to {backup(engine, target)}")
+            return 0
+        if command == "purge":
+            removed = purge_expired(engine, log_retention_days=int(os.environ.get("LOG_RETENTION_DAYS") or 14))
+            print(", ".join(f"{table}: {count} removed" for table, count in removed.items()))
+            return 0
+        problems = check(engine) if command == "check" else verify(engine)
+    except (DatabaseError, sa.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {command} failed on {_describe(url)}: {message}", file=sys.stderr)
+        return 1
+    if problems:
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"{command}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{command}: ok ({_describe(url)}, schema version {SCHEMA_VERSION})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
