@@ -148,3 +148,69 @@ class AuthActions:
 @pytest.fixture
 def auth(client) -> AuthActions:
     return AuthActions(client)
+
+
+class LiveServer:
+    """A real HTTP server for an app on a free loopback port, in a background thread."""
+
+    def __init__(self, application: Any) -> None:
+        import threading
+
+        from werkzeug.serving import make_server
+
+        self.app = application
+        self._server = make_server("127.0.0.1", 0, application, threaded=True)
+        self.port = self._server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def live_server(make_app):
+    """Factory: ``live_server(**make_app_kwargs)`` -> LiveServer (stopped after the test)."""
+    servers: list[LiveServer] = []
+
+    def start(**kwargs: Any) -> LiveServer:
+        kwargs.setdefault("use_clock", False)
+        server = LiveServer(make_app(**kwargs))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright (skips locally, fails in CI when missing)."""
+    from tests.services import CHROMIUM_ARGS, require_chromium
+
+    executable = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page that records console errors and uncaught page errors."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.console_errors = []  # type: ignore[attr-defined]
+    page.page_errors = []  # type: ignore[attr-defined]
+    page.on("console", lambda msg: msg.type == "error" and page.console_errors.append(msg.text))
+    page.on("pageerror", lambda exc: page.page_errors.append(str(exc)))
+    yield page
+    context.close()
+
+
+ARTIFACTS = ROOT / "test-artifacts"

@@ -1,0 +1,1363 @@
+"""The API rate limiter service: application factory, request pipeline and HTTP routes.
+
+``create_app(config)`` builds one Flask app with its services in ``app.extensions``; the
+routes are grouped in blueprints by section (core, auth, data/usage/sdk, admin, dashboard,
+metrics). ``gunicorn app:app`` builds the app lazily on first access, so importing this module
+does no I/O; ``python app.py`` serves it on ``PORT`` (default 5000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import dataclasses
+import datetime as dt
+import hmac
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request, send_from_directory
+from flask_cors import CORS
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import auth
+import database as db
+import errors
+from analytics import Metrics, MetricsCollector, UsageRecorder
+from config import TIER_ORDER, Config, ConfigError
+from errors import ApiError, bad_request
+from limiter import LimitResult, RateLimiter, RequestDecision, StoreUnavailable
+from log_manager import AbuseDetector, Alert, BatchWriter, RequestLogger, configure_logging
+from notifier import Notifier
+
+log = logging.getLogger("ratelimiter")
+
+VERSION = "1.0.0"
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+MAX_KEYS_PER_USER = 25
+MAX_PER_PAGE = 200
+SDK_CACHE_SECONDS = 300
+# Routes that never count against the per-IP limit: static files and liveness.
+IP_EXEMPT_ENDPOINTS = {"static", "core.health", "sdk.sdk_js"}
+
+
+# --- services ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    """Identity of an API key (immutable); tier and blocked state live in the limiter store."""
+
+    id: int
+    user_id: int
+    prefix: str
+    name: str
+
+
+class KeyDirectory:
+    """Per-process cache from key hash to identity, with a negative cache for unknown keys.
+
+    Keys are random, so an unknown hash stays unknown: caching misses briefly is safe and
+    keeps key enumeration from reaching the database on every guess.
+    """
+
+    def __init__(self, engine: sa.engine.Engine, *, size: int = 50_000, miss_ttl: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._size = size
+        self._miss_ttl = miss_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._hits: collections.OrderedDict[str, KeyRecord] = collections.OrderedDict()
+        self._misses: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def cached(self, raw_key: str) -> tuple[str, KeyRecord | None, bool]:
+        """(hash, record, known) from the cache only; ``known`` False means ask the database."""
+        key_hash = auth.hash_api_key(raw_key)
+        with self._lock:
+            record = self._hits.get(key_hash)
+            if record is not None:
+                self._hits.move_to_end(key_hash)
+                return key_hash, record, True
+            expires = self._misses.get(key_hash)
+            if expires is not None and expires > self._clock():
+                return key_hash, None, True
+        return key_hash, None, False
+
+    def load(self, key_hash: str) -> KeyRecord | None:
+        """Look the hash up in the database (active keys only) and cache the answer."""
+        c = db.api_keys.c
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(c.id, c.user_id, c.prefix, c.name, c.key_hash)
+                .where(c.key_hash == key_hash, c.revoked_at.is_(None))
+            ).first()
+        record = None
+        if row is not None and hmac.compare_digest(row.key_hash, key_hash):
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name)
+        with self._lock:
+            if record is None:
+                self._misses[key_hash] = self._clock() + self._miss_ttl
+                self._trim(self._misses)
+            else:
+                self._hits[key_hash] = record
+                self._trim(self._hits)
+        return record
+
+    def _trim(self, cache: collections.OrderedDict[str, Any]) -> None:
+        while len(cache) > self._size:
+            cache.popitem(last=False)
+
+    def forget(self, key_id: int) -> None:
+        with self._lock:
+            for key_hash, record in list(self._hits.items()):
+                if record.id == key_id:
+                    del self._hits[key_hash]
+
+
+class EventBus:
+    """The one place events are emitted: log line, alert row, e-mail, live dashboard feed."""
+
+    ALERT_KINDS = {"abuse_alert", "rate_limit_spike", "ip_banned", "key_banned"}
+
+    def __init__(self, svc: Services) -> None:
+        self._svc = svc
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+
+    def emit(self, kind: str, subject: str, **details: Any) -> None:
+        event = {"timestamp": db.iso(db.utcnow()), "kind": kind, "subject": subject, "details": details}
+        self.recent.appendleft(event)
+        log.info("event %s %s", kind, subject, extra={"event": kind, "subject": subject, "details": details})
+        svc = self._svc
+        if kind in self.ALERT_KINDS:
+            svc.metrics.observe_alert(details.get("alert_kind", kind))
+            svc.alert_writer.put({
+                "timestamp": db.utcnow(), "kind": details.get("alert_kind", kind), "source": subject[:200],
+                "severity": details.get("severity", "warning"), "details": _json(details),
+            })
+        svc.notifier.notify(kind, subject, details)
+        if svc.socketio is not None:
+            try:
+                svc.socketio.emit("event", event)
+            except Exception:  # a live feed must never break the request that caused the event
+                log.debug("socket.io emit failed", exc_info=True)
+
+
+@dataclasses.dataclass
+class Services:
+    """Everything one app instance owns; stored in ``app.extensions["rl"]``."""
+
+    config: Config
+    engine: sa.engine.Engine
+    limiter: RateLimiter
+    clock: Callable[[], float]
+    metrics: Metrics
+    usage: UsageRecorder
+    keys: KeyDirectory
+    notifier: Notifier
+    request_logger: RequestLogger
+    log_writer: BatchWriter
+    alert_writer: BatchWriter
+    abuse: AbuseDetector | None = None
+    events: EventBus | None = None
+    socketio: Any = None
+    flusher: threading.Thread | None = None
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        """Flush analytics and logs, stop background threads; safe to call twice."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.flusher is not None:
+            self.flusher.join(timeout=5)
+        self.usage.flush()
+        self.log_writer.close()
+        self.alert_writer.close()
+        self.request_logger.close()
+        self.notifier.close()
+        self.limiter.close()
+
+
+def services() -> Services:
+    return current_app.extensions["rl"]
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+# --- request helpers ---------------------------------------------------------------------------
+
+def json_body(*, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object, or a 415/400 naming what is wrong."""
+    if optional and not request.get_data(cache=True):
+        return {}
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "malformed_json", "The request body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed_json", "The JSON body must be an object")
+    return body
+
+
+def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad_request(name, f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise bad_request(name, f"'{name}' must be a string")
+    if len(value) > max_len:
+        raise bad_request(name, f"'{name}' must be at most {max_len} characters")
+    return value
+
+
+def int_arg(name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(name, f"'{name}' must be an integer") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise bad_request(name, f"'{name}' must be at least {minimum}{upper}")
+    return value
+
+
+def epoch_ceil(value: float) -> int:
+    return int(math.ceil(value))
+
+
+def usage_dict(result: LimitResult) -> dict[str, Any]:
+    return {"limit": result.limit, "remaining": result.remaining, "reset_epoch": epoch_ceil(result.reset)}
+
+
+def rate_headers(result: LimitResult, tier: str, window: int, now: float) -> dict[str, str]:
+    """X-RateLimit-* plus the IETF draft's structured RateLimit-Policy / RateLimit fields."""
+    reset_in = max(0, epoch_ceil(result.reset - now))
+    headers = {
+        "X-RateLimit-Limit": str(result.limit),
+        "X-RateLimit-Remaining": str(result.remaining),
+        "X-RateLimit-Reset": str(epoch_ceil(result.reset)),
+        "RateLimit-Policy": f'"{tier}";q={result.limit};w={window}',
+        "RateLimit": f'"{tier}";r={result.remaining};t={reset_in}',
+    }
+    if not result.allowed:
+        headers["Retry-After"] = str(max(1, epoch_ceil(result.retry_after)))
+    return headers
+
+
+def refuse_ip(decision: Any) -> ApiError:
+    services().metrics.observe_ip_refusal()
+    retry = max(1, epoch_ceil(decision.retry_after))
+    return ApiError(429, "ip_banned", f"Too many requests from this IP address; try again in {retry} s",
+                    headers={"Retry-After": str(retry)}, retry_after=retry)
+
+
+def store_unavailable() -> ApiError:
+    return ApiError(503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly",
+                    headers={"Retry-After": "5"})
+
+
+def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
+    if decision is None:
+        return
+    if decision.ban_started:
+        svc.events.emit("ip_banned", ip, ban_count=decision.ban_count, seconds=epoch_ceil(decision.retry_after))
+        alert = svc.abuse.record("ip_ban", ip, ban_count=decision.ban_count)
+        del alert  # the detector's callback emits the alert event
+    if not decision.allowed:
+        raise refuse_ip(decision)
+
+
+def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
+    """Tier and blocked state of ``k:<id>`` or ``u:<id>`` from the database."""
+    kind, _, ident = subject.partition(":")
+    with svc.engine.connect() as conn:
+        if kind == "k":
+            row = conn.execute(
+                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
+                .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
+                .where(db.api_keys.c.id == int(ident))
+            ).first()
+            if row is None:
+                return "free", True
+            return row.tier, bool(row.blocked or row.revoked_at is not None)
+        row = conn.execute(sa.select(db.users.c.tier).where(db.users.c.id == int(ident))).first()
+        return (row.tier if row else "free"), row is None
+
+
+def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = ()) -> RequestDecision:
+    """One store round trip: IP check plus the subject's hit (a second only if its meta was evicted)."""
+    try:
+        decision = svc.limiter.check_request(ip, subject, flags)
+        if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
+            tier, blocked = load_meta(svc, subject)
+            svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
+            retry = svc.limiter.check_request(None, subject, flags)
+            decision = retry._replace(ip=decision.ip)
+    except StoreUnavailable:
+        raise store_unavailable() from None
+    if ip is not None:
+        record_ip_decision(svc, ip, decision.ip)
+    return decision
+
+
+def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: KeyRecord | None,
+                user_id: int) -> LimitResult:
+    """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
+    result = decision.result
+    tier = decision.tier or "free"
+    assert result is not None
+    g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
+    g.tier = tier
+    svc.usage.record(subject, key_id=key.id if key else None, user_id=user_id, tier=tier, allowed=result.allowed)
+    svc.metrics.observe_decision(tier, result.allowed)
+    if not result.allowed:
+        svc.abuse.record("rate_limited", key.prefix if key else subject)
+        retry = max(1, epoch_ceil(result.retry_after))
+        raise ApiError(429, "rate_limit_exceeded",
+                       f"Rate limit of {result.limit} requests per {svc.config.window_seconds} s exceeded "
+                       f"for the {tier} tier; retry in {retry} s",
+                       limit=result.limit, remaining=0, retry_after=retry, tier=tier)
+    return result
+
+
+def api_key_from_request(body: dict[str, Any] | None = None) -> str | None:
+    if body is not None:
+        value = body.get("api_key")
+        if value is not None and not isinstance(value, str):
+            raise bad_request("api_key", "'api_key' must be a string")
+        return value or None
+    return request.headers.get("X-API-Key") or request.args.get("api_key") or None
+
+
+def resolve_key(svc: Services, raw_key: str | None, ip: str | None) -> tuple[KeyRecord, str | None]:
+    """Authenticate an API key. Returns (record, ip still to check): when the cache knew the key,
+    the IP check is left for the combined store call; otherwise it is done first, so a banned IP
+    guessing keys never reaches the database."""
+    if not raw_key:
+        raise ApiError(401, "missing_api_key", "Send an API key as X-API-Key header or api_key parameter")
+    if len(raw_key) > 200:
+        raise ApiError(401, "invalid_api_key", "The API key is not valid")
+    key_hash, record, known = svc.keys.cached(raw_key)
+    if not known:
+        if ip is not None:
+            try:
+                record_ip_decision(svc, ip, svc.limiter.check_request(ip, None).ip)
+            except StoreUnavailable:
+                raise store_unavailable() from None
+            ip = None
+        record = svc.keys.load(key_hash)
+    if record is None:
+        if ip is not None:
+            try:
+                record_ip_decision(svc, ip, svc.limiter.check_request(ip, None).ip)
+            except StoreUnavailable:
+                raise store_unavailable() from None
+        svc.abuse.record("invalid_key", g.client_ip)
+        raise ApiError(401, "invalid_api_key", "The API key is not valid")
+    g.key_prefix = record.prefix
+    g.user_id = record.user_id
+    return record, ip
+
+
+def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
+    """Blocked in the store: tell a revoked key (401) from a blocked one (403)."""
+    with svc.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason).where(db.api_keys.c.id == record.id)
+        ).first()
+    if row is None or row.revoked_at is not None:
+        svc.keys.forget(record.id)
+        return ApiError(401, "invalid_api_key", "The API key is not valid")
+    return ApiError(403, "api_key_blocked", "This API key has been blocked by an administrator",
+                    reason=row.blocked_reason or "")
+
+
+def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
+    """Authenticate a key and count one request against it (the hot path); 401/403/429 raise."""
+    record, ip = resolve_key(svc, raw_key, g.client_ip)
+    subject = f"k:{record.id}"
+    decision = decide(svc, ip, subject)
+    if decision.blocked:
+        raise refuse_blocked_key(svc, record)
+    result = apply_limit(svc, decision, subject, key=record, user_id=record.user_id)
+    return record, result, decision.tier or "free"
+
+
+def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
+    """Authenticate a key and read its window without consuming (for /usage and /sdk/check)."""
+    record, _ = resolve_key(svc, raw_key, None)
+    subject = f"k:{record.id}"
+    tier, blocked = load_meta(svc, subject)
+    if blocked:
+        raise refuse_blocked_key(svc, record)
+    try:
+        result = svc.limiter.peek(subject, svc.config.tier_limits[tier])
+    except StoreUnavailable:
+        raise store_unavailable() from None
+    g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
+    return record, result, tier
+
+
+def combined_check(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a view that does its own IP check inside the combined store call."""
+    view.combined_ip_check = True  # type: ignore[attr-defined]
+    return view
+
+
+# --- blueprints ------------------------------------------------------------------------------
+
+core = Blueprint("core", __name__)
+auth_bp = Blueprint("auth", __name__, url_prefix="/auth")
+data_bp = Blueprint("data", __name__)
+sdk_bp = Blueprint("sdk", __name__)
+admin_bp = Blueprint("admin", __name__)
+dashboard_bp = Blueprint("dashboard", __name__)
+metrics_bp = Blueprint("metrics", __name__)
+
+
+@core.get("/")
+def index() -> Response:
+    rules = sorted({rule.rule for rule in current_app.url_map.iter_rules() if rule.endpoint != "static"})
+    return jsonify(name="API Rate Limiter", version=VERSION, status="ok", endpoints=rules,
+                   tiers=services().config.tier_limits, docs="/openapi.json")
+
+
+@core.get("/health")
+def health() -> tuple[Response, int]:
+    svc = services()
+    checks = {"database": "ok", "limiter_store": "ok"}
+    try:
+        with svc.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any driver error means "not ok", reported, never raised
+        checks["database"] = f"error: {type(exc).__name__}"
+    store = svc.limiter.health()
+    checks["limiter_store"] = store
+    ok = checks["database"] == "ok" and store == "ok"
+    body = {"status": "ok" if ok else "degraded", "checks": checks, "version": VERSION,
+            "limiter_store": svc.limiter.store_kind}
+    return jsonify(body), 200 if ok else 503
+
+
+@core.get("/openapi.json")
+def openapi() -> Response:
+    import openapi as spec
+
+    return jsonify(spec.build_spec(current_app, VERSION))
+
+
+# --- auth ---
+
+def user_json(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "username": row.username, "email": row.email, "tier": row.tier,
+            "created_at": db.iso(row.created_at)}
+
+
+def key_json(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "prefix": row.prefix, "name": row.name, "tier": row.tier, "blocked": bool(row.blocked),
+            "created_at": db.iso(row.created_at), "last_used_at": db.iso(row.last_used_at)}
+
+
+def credentials(body: dict[str, Any]) -> tuple[str, str]:
+    username = str_field(body, "username", max_len=64)
+    password = str_field(body, "password", max_len=auth.MAX_PASSWORD_CHARS)
+    return username, password  # type: ignore[return-value]
+
+
+def throttle(svc: Services, name: str, limit: int, window: int, code: str, message: str) -> None:
+    """A secondary limit (registrations, failed logins) on the same store."""
+    try:
+        result = svc.limiter.hit(name, limit, window)
+    except StoreUnavailable:
+        raise store_unavailable() from None
+    if not result.allowed:
+        retry = max(1, epoch_ceil(result.retry_after))
+        raise ApiError(429, code, message, headers={"Retry-After": str(retry)}, retry_after=retry)
+
+
+@auth_bp.post("/register")
+def register() -> tuple[Response, int]:
+    svc = services()
+    body = json_body()
+    username, password = credentials(body)
+    email = str_field(body, "email", required=False, max_len=254)
+    if not USERNAME_RE.match(username):
+        raise bad_request("username", "'username' must be 3-64 characters of letters, digits, '_', '.' or '-'")
+    if len(password) < 8:
+        raise bad_request("password", "'password' must be at least 8 characters")
+    if email is not None and not EMAIL_RE.match(email):
+        raise bad_request("email", "'email' is not a valid e-mail address")
+    throttle(svc, f"reg:{g.client_ip}", svc.config.register_per_ip_per_hour, 3600, "too_many_registrations",
+             "Too many accounts registered from this address; try again later")
+    now = db.utcnow()
+    try:
+        with svc.engine.begin() as conn:
+            user_id = conn.execute(db.users.insert().values(
+                username=username, email=email, password_hash=auth.hash_password(password, svc.config.bcrypt_rounds),
+                tier="free", is_admin=False, created_at=now, updated_at=now,
+            ).returning(db.users.c.id)).scalar_one()
+    except sa.exc.IntegrityError:
+        raise ApiError(409, "username_taken", f"The username '{username}' is already taken") from None
+    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=False)
+    user = {"id": user_id, "username": username, "email": email, "tier": "free", "created_at": db.iso(now)}
+    return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
+
+
+_DUMMY_HASH: list[str] = []
+
+
+def _dummy_hash(rounds: int) -> str:
+    """A real bcrypt hash to check against for unknown users, so timing does not reveal them."""
+    if not _DUMMY_HASH:
+        _DUMMY_HASH.append(auth.hash_password("not-a-real-password", rounds))
+    return _DUMMY_HASH[0]
+
+
+@auth_bp.post("/login")
+def login() -> Response:
+    svc = services()
+    body = json_body()
+    username, password = credentials(body)
+    failures = f"lf:{g.client_ip}"
+    try:
+        if svc.limiter.peek(failures, svc.config.login_failures_per_ip, svc.config.login_failure_window).remaining <= 0:
+            raise ApiError(429, "too_many_failed_logins", "Too many failed sign-ins from this address; wait and retry",
+                           headers={"Retry-After": str(svc.config.login_failure_window)},
+                           retry_after=svc.config.login_failure_window)
+    except StoreUnavailable:
+        raise store_unavailable() from None
+    with svc.engine.connect() as conn:
+        row = conn.execute(sa.select(db.users).where(db.users.c.username == username)).first()
+    valid = auth.check_password(password, row.password_hash if row else _dummy_hash(svc.config.bcrypt_rounds))
+    if row is None or not valid:
+        svc.limiter.hit(failures, svc.config.login_failures_per_ip, svc.config.login_failure_window)
+        svc.abuse.record("failed_login", g.client_ip, username=username[:64])
+        raise ApiError(401, "invalid_credentials", "Unknown username or wrong password")
+    return jsonify(user=user_json(row), **current_app.extensions["jwt"].issue(row.id))
+
+
+@auth_bp.post("/refresh")
+def refresh() -> Response:
+    body = json_body()
+    token = str_field(body, "refresh_token", max_len=4096)
+    return jsonify(current_app.extensions["jwt"].rotate(token))
+
+
+@auth_bp.post("/logout")
+@auth.jwt_required
+def logout() -> Response:
+    manager = current_app.extensions["jwt"]
+    body = json_body(optional=True)
+    refresh_token = str_field(body, "refresh_token", required=False, max_len=4096)
+    if refresh_token:
+        claims = manager.decode(refresh_token, "refresh")
+        if claims["sub"] != g.jwt["sub"]:
+            raise ApiError(403, "forbidden", "That refresh token belongs to another user")
+        manager.revoke_family(claims["fam"])
+    manager.revoke_access(g.jwt)
+    return jsonify(message="Signed out; the token is no longer accepted")
+
+
+def user_keys(conn: sa.Connection, user_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(db.api_keys, db.users.c.tier)
+        .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
+        .where(db.api_keys.c.user_id == user_id, db.api_keys.c.revoked_at.is_(None))
+        .order_by(db.api_keys.c.id)
+    ).all()
+    return [key_json(row) for row in rows]
+
+
+def current_user_row(conn: sa.Connection) -> Any:
+    row = conn.execute(sa.select(db.users).where(db.users.c.id == g.user_id)).first()
+    if row is None:
+        raise ApiError(401, "invalid_token", "The account of this token no longer exists")
+    return row
+
+
+@auth_bp.get("/me")
+@auth.jwt_required
+def me() -> Response:
+    with services().engine.connect() as conn:
+        row = current_user_row(conn)
+        return jsonify(user=user_json(row), api_keys=user_keys(conn, row.id))
+
+
+@auth_bp.get("/api_keys")
+@auth.jwt_required
+def list_api_keys() -> Response:
+    with services().engine.connect() as conn:
+        return jsonify(api_keys=user_keys(conn, g.user_id))
+
+
+@auth_bp.post("/create_api_key")
+@auth.jwt_required
+def create_api_key() -> tuple[Response, int]:
+    svc = services()
+    body = json_body(optional=True)
+    name = (str_field(body, "name", required=False, max_len=100) or "").strip()
+    new_key = auth.generate_api_key()
+    now = db.utcnow()
+    with svc.engine.begin() as conn:
+        user = current_user_row(conn)
+        count = conn.execute(
+            sa.select(sa.func.count()).select_from(db.api_keys)
+            .where(db.api_keys.c.user_id == user.id, db.api_keys.c.revoked_at.is_(None))
+        ).scalar_one()
+        if count >= MAX_KEYS_PER_USER:
+            raise ApiError(409, "too_many_keys", f"An account may hold at most {MAX_KEYS_PER_USER} active keys")
+        key_id = conn.execute(db.api_keys.insert().values(
+            user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
+            created_at=now,
+        ).returning(db.api_keys.c.id)).scalar_one()
+    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
+    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
+                   created_at=db.iso(now),
+                   message="Store this key now: it is shown only once"), 201
+
+
+@auth_bp.delete("/api_keys/<int:key_id>")
+@auth.jwt_required
+def revoke_own_key(key_id: int) -> Response:
+    svc = services()
+    with svc.engine.begin() as conn:
+        row = conn.execute(sa.select(db.api_keys).where(
+            db.api_keys.c.id == key_id, db.api_keys.c.user_id == g.user_id, db.api_keys.c.revoked_at.is_(None)
+        )).first()
+        if row is None:  # another user's key looks exactly like a missing one
+            raise ApiError(404, "key_not_found", f"You have no active API key with id {key_id}")
+        conn.execute(db.api_keys.update().where(db.api_keys.c.id == key_id).values(revoked_at=db.utcnow()))
+    revoke_in_store(svc, key_id)
+    return jsonify(message="API key revoked", key={"id": key_id, "prefix": row.prefix, "revoked": True})
+
+
+def revoke_in_store(svc: Services, key_id: int) -> None:
+    """Every worker refuses a revoked key on its next request: blocked in the shared meta."""
+    svc.limiter.set_meta(f"k:{key_id}", tier="free", blocked=True)
+    svc.keys.forget(key_id)
+
+
+# --- data, usage, sdk ---
+
+@data_bp.get("/data")
+@combined_check
+def data() -> Response:
+    svc = services()
+    token = auth.bearer_token()
+    raw_key = api_key_from_request()
+    if raw_key or token is None:
+        record, result, tier = consume_key(svc, raw_key)
+        owner = {"key_prefix": record.prefix, "user_id": record.user_id}
+    else:
+        result, tier = consume_user(svc, token)
+        owner = {"user_id": g.user_id}
+    payload = {
+        "message": "Protected sample data: this request passed authentication and the rate limiter",
+        "served_at": db.iso(db.utcnow()),
+        **owner,
+    }
+    return jsonify(data=payload, tier=tier, usage=usage_dict(result))
+
+
+def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
+    """A JWT call to /data: limited per user, revocation read in the same store call."""
+    manager: auth.JWTManager = current_app.extensions["jwt"]
+    try:
+        claims = manager.decode(token, "access")
+    except ApiError:
+        record_ip_decision(svc, g.client_ip, svc.limiter.check_request(g.client_ip, None).ip)
+        raise
+    g.user_id = int(claims["sub"])
+    subject = f"u:{g.user_id}"
+    flag = f"revoked:{claims['jti']}"
+    decision = decide(svc, g.client_ip, subject, [flag])
+    revoked = decision.flags.get(flag, False) or (svc.limiter.health() != "ok" and manager.is_revoked(claims["jti"]))
+    if revoked:
+        raise ApiError(401, "token_revoked", "The token has been revoked")
+    if decision.blocked:
+        raise ApiError(401, "invalid_token", "The account of this token no longer exists")
+    result = apply_limit(svc, decision, subject, key=None, user_id=g.user_id)
+    return result, decision.tier or "free"
+
+
+@data_bp.get("/usage")
+def usage() -> Response:
+    svc = services()
+    record, result, tier = peek_key(svc, api_key_from_request())
+    today = dt.datetime.combine(db.utcnow().date(), dt.time())
+    totals = svc.usage.totals(f"k:{record.id}", today)
+    return jsonify(key_prefix=record.prefix, tier=tier, limit=result.limit, used=result.limit - result.remaining,
+                   remaining=result.remaining, window_seconds=svc.config.window_seconds,
+                   reset_epoch=epoch_ceil(result.reset), totals=totals)
+
+
+@sdk_bp.get("/sdk.js")
+def sdk_js() -> Response:
+    response = send_from_directory(current_app.static_folder, "ratelimiter-sdk.js",
+                                   mimetype="application/javascript", max_age=SDK_CACHE_SECONDS)
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
+
+
+@sdk_bp.get("/sdk")
+def sdk_page() -> Response:
+    return send_from_directory(current_app.static_folder, "demo.html", mimetype="text/html", max_age=0)
+
+
+@sdk_bp.post("/sdk/check")
+def sdk_check() -> Response:
+    svc = services()
+    body = json_body()
+    str_field(body, "endpoint", required=False, max_len=500)
+    _, result, tier = peek_key(svc, api_key_from_request(body))
+    return jsonify(allowed=result.remaining > 0, tier=tier, retry_after=epoch_ceil(result.retry_after)
+                   if result.remaining <= 0 else 0, **usage_dict(result))
+
+
+@sdk_bp.post("/sdk/track")
+@combined_check
+def sdk_track() -> Response:
+    svc = services()
+    body = json_body()
+    str_field(body, "endpoint", max_len=500)
+    str_field(body, "method", required=False, max_len=10)
+    status = body.get("status")
+    if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
+        raise bad_request("status", "'status' must be an HTTP status code between 100 and 599")
+    _, result, tier = consume_key(svc, api_key_from_request(body))
+    return jsonify(tracked=True, tier=tier, **usage_dict(result))
+
+
+# --- admin ---
+
+def audit(conn: sa.Connection, action: str, target: str, **details: Any) -> None:
+    db.add_audit(conn, g.admin_actor, action, target, details)
+
+
+def find_user(conn: sa.Connection, body: dict[str, Any]) -> Any:
+    user_id = body.get("user_id")
+    username = body.get("username")
+    if user_id is not None:
+        if not isinstance(user_id, int) or isinstance(user_id, bool):
+            raise bad_request("user_id", "'user_id' must be an integer")
+        row = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
+    elif username is not None:
+        if not isinstance(username, str):
+            raise bad_request("username", "'username' must be a string")
+        row = conn.execute(sa.select(db.users).where(db.users.c.username == username)).first()
+    else:
+        raise bad_request("user_id", "Give 'user_id' or 'username'")
+    if row is None:
+        raise ApiError(404, "user_not_found", "No such user")
+    return row
+
+
+def find_key(conn: sa.Connection, body: dict[str, Any]) -> Any:
+    c = db.api_keys.c
+    if body.get("api_key") is not None:
+        raw = str_field(body, "api_key", max_len=200)
+        condition = c.key_hash == auth.hash_api_key(raw)
+    elif body.get("key_id") is not None:
+        key_id = body["key_id"]
+        if not isinstance(key_id, int) or isinstance(key_id, bool):
+            raise bad_request("key_id", "'key_id' must be an integer")
+        condition = c.id == key_id
+    elif body.get("prefix") is not None:
+        condition = c.prefix == str_field(body, "prefix", max_len=32)
+    else:
+        raise bad_request("api_key", "Give 'api_key', 'key_id' or 'prefix'")
+    row = conn.execute(
+        sa.select(db.api_keys, db.users.c.tier, db.users.c.username)
+        .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
+        .where(condition)
+    ).first()
+    if row is None:
+        raise ApiError(404, "key_not_found", "No such API key")
+    return row
+
+
+@admin_bp.get("/admin/users")
+@auth.admin_required
+def admin_users() -> Response:
+    page = int_arg("page", 1)
+    per_page = int_arg("per_page", 50, maximum=MAX_PER_PAGE)
+    key_counts = (
+        sa.select(db.api_keys.c.user_id, sa.func.count().label("n"))
+        .where(db.api_keys.c.revoked_at.is_(None)).group_by(db.api_keys.c.user_id).subquery()
+    )
+    with services().engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(db.users)).scalar_one()
+        rows = conn.execute(
+            sa.select(db.users, sa.func.coalesce(key_counts.c.n, 0).label("key_count"))
+            .select_from(db.users.outerjoin(key_counts, key_counts.c.user_id == db.users.c.id))
+            .order_by(db.users.c.id).limit(per_page).offset((page - 1) * per_page)
+        ).all()
+    users = [{**user_json(row), "api_keys": row.key_count, "is_admin": bool(row.is_admin)} for row in rows]
+    return jsonify(users=users, total=total, page=page, per_page=per_page)
+
+
+@admin_bp.get("/admin/keys")
+@auth.admin_required
+def admin_keys() -> Response:
+    per_page = int_arg("per_page", 50, maximum=MAX_PER_PAGE)
+    page = int_arg("page", 1)
+    query = sa.select(db.api_keys, db.users.c.tier, db.users.c.username).select_from(
+        db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
+    user_id = request.args.get("user_id")
+    if user_id:
+        query = query.where(db.api_keys.c.user_id == int_arg("user_id", 0))
+    with services().engine.connect() as conn:
+        rows = conn.execute(query.order_by(db.api_keys.c.id).limit(per_page).offset((page - 1) * per_page)).all()
+    keys = [{**key_json(row), "user_id": row.user_id, "username": row.username,
+             "revoked": row.revoked_at is not None, "blocked_reason": row.blocked_reason} for row in rows]
+    return jsonify(keys=keys, page=page, per_page=per_page)
+
+
+@admin_bp.post("/admin/upgrade_tier")
+@auth.admin_required
+def upgrade_tier() -> Response:
+    svc = services()
+    body = json_body()
+    tier = str_field(body, "tier", max_len=20)
+    if tier not in svc.config.tier_limits:
+        raise bad_request("tier", f"'tier' must be one of {', '.join(TIER_ORDER)}")
+    with svc.engine.begin() as conn:
+        user = find_user(conn, body)
+        conn.execute(db.users.update().where(db.users.c.id == user.id).values(tier=tier, updated_at=db.utcnow()))
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
+                            .where(db.api_keys.c.user_id == user.id)).all()
+        audit(conn, "upgrade_tier", f"user:{user.username}", old_tier=user.tier, new_tier=tier, user_id=user.id)
+        updated = conn.execute(sa.select(db.users).where(db.users.c.id == user.id)).first()
+    svc.limiter.set_meta(f"u:{user.id}", tier=tier, blocked=False)
+    for key in keys:
+        svc.limiter.set_meta(f"k:{key.id}", tier=tier, blocked=bool(key.blocked or key.revoked_at))
+    svc.events.emit("tier_changed", user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
+    return jsonify(user=user_json(updated))
+
+
+def set_key_blocked(blocked: bool) -> Response:
+    svc = services()
+    body = json_body()
+    reason = str_field(body, "reason", required=False, max_len=500) or ""
+    with svc.engine.begin() as conn:
+        key = find_key(conn, body)
+        conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id)
+                     .values(blocked=blocked, blocked_reason=reason if blocked else None))
+        audit(conn, "block_key" if blocked else "unblock_key", f"key:{key.prefix}", key_id=key.id,
+              owner=key.username, reason=reason)
+    svc.limiter.set_meta(f"k:{key.id}", tier=key.tier, blocked=blocked or key.revoked_at is not None)
+    svc.events.emit("key_blocked" if blocked else "key_unblocked", key.prefix, owner=key.username, reason=reason,
+                    actor=g.admin_actor)
+    return jsonify(key={"id": key.id, "prefix": key.prefix, "name": key.name, "blocked": blocked,
+                        "reason": reason if blocked else None})
+
+
+@admin_bp.post("/admin/block_key")
+@auth.admin_required
+def block_key() -> Response:
+    return set_key_blocked(True)
+
+
+@admin_bp.post("/admin/unblock_key")
+@auth.admin_required
+def unblock_key() -> Response:
+    return set_key_blocked(False)
+
+
+@admin_bp.post("/admin/revoke_key")
+@auth.admin_required
+def admin_revoke_key() -> Response:
+    svc = services()
+    body = json_body()
+    with svc.engine.begin() as conn:
+        key = find_key(conn, body)
+        conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id).values(revoked_at=db.utcnow()))
+        audit(conn, "revoke_key", f"key:{key.prefix}", key_id=key.id, owner=key.username)
+    revoke_in_store(svc, key.id)
+    svc.events.emit("key_banned", key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
+    return jsonify(key={"id": key.id, "prefix": key.prefix, "revoked": True, "blocked": True})
+
+
+@admin_bp.get("/admin/bans")
+@auth.admin_required
+def list_bans() -> Response:
+    return jsonify(bans=services().limiter.list_bans())
+
+
+def ip_field(body: dict[str, Any]) -> str:
+    import ipaddress
+
+    raw = str_field(body, "ip", max_len=64)
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise bad_request("ip", "'ip' must be an IPv4 or IPv6 address") from None
+
+
+@admin_bp.post("/admin/ban_ip")
+@auth.admin_required
+def ban_ip() -> Response:
+    svc = services()
+    body = json_body()
+    ip = ip_field(body)
+    seconds = body.get("seconds", svc.config.temp_ban_seconds)
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 1 <= seconds <= 30 * 86400:
+        raise bad_request("seconds", "'seconds' must be an integer between 1 and 2592000")
+    svc.limiter.ban_ip(ip, seconds)
+    now = db.utcnow()
+    with svc.engine.begin() as conn:
+        conn.execute(db.ip_bans.insert().values(ip=ip, banned_at=now, expires_at=now + dt.timedelta(seconds=seconds),
+                                                ban_count=1, reason="admin"))
+        audit(conn, "ban_ip", f"ip:{ip}", seconds=seconds)
+    svc.events.emit("ip_banned", ip, seconds=seconds, actor=g.admin_actor)
+    return jsonify(ban={"ip": ip, "seconds": seconds})
+
+
+@admin_bp.post("/admin/unban_ip")
+@auth.admin_required
+def unban_ip() -> Response:
+    svc = services()
+    ip = ip_field(json_body())
+    lifted = svc.limiter.unban_ip(ip)
+    if not lifted:
+        raise ApiError(404, "ban_not_found", f"{ip} is not banned")
+    with svc.engine.begin() as conn:
+        conn.execute(db.ip_bans.update().where(db.ip_bans.c.ip == ip, db.ip_bans.c.lifted_at.is_(None))
+                     .values(lifted_at=db.utcnow()))
+        audit(conn, "unban_ip", f"ip:{ip}")
+    return jsonify(ban={"ip": ip, "lifted": True})
+
+
+def parse_since(raw: str | None) -> dt.datetime | None:
+    if not raw:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request("since", "'since' must be an ISO 8601 timestamp, e.g. 2026-12-01T10:00:00Z") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+@admin_bp.get("/logs")
+@auth.admin_required
+def logs() -> Response:
+    svc = services()
+    limit = int_arg("limit", 100, maximum=1000)
+    level = (request.args.get("level") or "").upper()
+    if level and level not in ("INFO", "WARNING", "ERROR"):
+        raise bad_request("level", "'level' must be INFO, WARNING or ERROR")
+    since = parse_since(request.args.get("since"))
+    svc.log_writer.flush_now()
+    c = db.request_logs.c
+    query = sa.select(db.request_logs).order_by(c.id.desc()).limit(limit)
+    if level:
+        query = query.where(c.level == level)
+    if since is not None:
+        query = query.where(c.timestamp >= since)
+    with svc.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    entries = [{"timestamp": db.iso(r.timestamp), "level": r.level, "method": r.method, "path": r.path,
+                "status": r.status, "ip": r.ip, "key_prefix": r.key_prefix, "duration_ms": r.duration_ms,
+                "message": r.message} for r in rows]
+    return jsonify(logs=entries)
+
+
+@admin_bp.get("/admin/audit")
+@auth.admin_required
+def audit_entries() -> Response:
+    import json
+
+    limit = int_arg("limit", 100, maximum=1000)
+    with services().engine.connect() as conn:
+        rows = conn.execute(sa.select(db.audit_log).order_by(db.audit_log.c.id.desc()).limit(limit)).all()
+    entries = [{"id": r.id, "timestamp": db.iso(r.timestamp), "actor": r.actor, "action": r.action,
+                "target": r.target, "details": json.loads(r.details or "{}")} for r in rows]
+    return jsonify(entries=entries)
+
+
+@admin_bp.get("/admin/alerts")
+@auth.admin_required
+def admin_alerts() -> Response:
+    return jsonify(alerts=recent_alerts(int_arg("limit", 50, maximum=500)))
+
+
+def recent_alerts(limit: int) -> list[dict[str, Any]]:
+    import json
+
+    svc = services()
+    svc.alert_writer.flush_now()
+    with svc.engine.connect() as conn:
+        rows = conn.execute(sa.select(db.alerts).order_by(db.alerts.c.id.desc()).limit(limit)).all()
+    return [{"timestamp": db.iso(r.timestamp), "kind": r.kind, "source": r.source, "severity": r.severity,
+             "details": json.loads(r.details or "{}")} for r in rows]
+
+
+# --- metrics and analytics ---
+
+@metrics_bp.get("/api/metrics")
+def api_metrics() -> Response:
+    svc = services()
+    snapshot = svc.metrics.snapshot()
+    snapshot.update(
+        active_keys=active_subjects(svc),
+        limiter_store=svc.limiter.store_kind,
+        limiter_health=svc.limiter.health(),
+        strategy=svc.config.strategy,
+        tier_limits=svc.config.tier_limits,
+        window_seconds=svc.config.window_seconds,
+        scope="process",
+        pid=os.getpid(),
+    )
+    return jsonify(snapshot)
+
+
+def active_subjects(svc: Services) -> int:
+    """API keys with at least one request in the current window, across all workers."""
+    svc.usage.flush()
+    since = db.utcnow() - dt.timedelta(seconds=svc.config.window_seconds)
+    c = db.usage_counters.c
+    with svc.engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.count(sa.distinct(c.subject)))
+            .where(c.bucket_start >= since.replace(second=0, microsecond=0), c.key_id.is_not(None))
+        ).scalar_one()
+
+
+@metrics_bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    svc = services()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(svc.metrics, lambda: {
+        "limiter_store_up": 1.0 if svc.limiter.health() == "ok" else 0.0,
+        "analytics_flush_failures": float(svc.usage.flush_failures),
+    }))
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@metrics_bp.get("/api/analytics")
+def api_analytics() -> Response:
+    """Request volume per minute (allowed vs limited) and per tier; detail for admins only."""
+    svc = services()
+    minutes = int_arg("minutes", 60, maximum=24 * 60)
+    svc.usage.flush()
+    since = (db.utcnow() - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
+    c = db.usage_counters.c
+    with svc.engine.connect() as conn:
+        series = conn.execute(
+            sa.select(c.bucket_start, sa.func.sum(c.allowed), sa.func.sum(c.limited))
+            .where(c.bucket_start >= since).group_by(c.bucket_start).order_by(c.bucket_start)
+        ).all()
+        tiers = conn.execute(
+            sa.select(c.tier, sa.func.sum(c.allowed), sa.func.sum(c.limited))
+            .where(c.bucket_start >= since).group_by(c.tier)
+        ).all()
+    by_minute = {row[0]: (int(row[1]), int(row[2])) for row in series}
+    buckets = []
+    for i in range(minutes):
+        start = since + dt.timedelta(minutes=i)
+        allowed, limited = by_minute.get(start, (0, 0))
+        buckets.append({"t": db.iso(start), "allowed": allowed, "limited": limited})
+    body: dict[str, Any] = {
+        "minutes": minutes,
+        "series": buckets,
+        "totals": {"allowed": sum(b["allowed"] for b in buckets), "limited": sum(b["limited"] for b in buckets)},
+        "by_tier": {row[0]: {"allowed": int(row[1]), "limited": int(row[2])} for row in tiers},
+        "tier_limits": svc.config.tier_limits,
+        "window_seconds": svc.config.window_seconds,
+        "metrics": svc.metrics.snapshot(),
+        "limiter_store": svc.limiter.store_kind,
+        "socketio": svc.socketio is not None,
+    }
+    if auth.bearer_token():
+        g.admin_actor = auth.admin_actor()
+        body.update(admin_analytics(svc, since))
+    return jsonify(body)
+
+
+def admin_analytics(svc: Services, since: dt.datetime) -> dict[str, Any]:
+    c = db.usage_counters.c
+    k = db.api_keys.c
+    with svc.engine.connect() as conn:
+        top = conn.execute(
+            sa.select(k.prefix, k.name, c.tier, sa.func.sum(c.allowed).label("allowed"),
+                      sa.func.sum(c.limited).label("limited"))
+            .select_from(db.usage_counters.join(db.api_keys, db.api_keys.c.id == c.key_id))
+            .where(c.bucket_start >= since).group_by(k.prefix, k.name, c.tier)
+            .order_by(sa.desc("allowed")).limit(10)
+        ).all()
+        svc.log_writer.flush_now()
+        recent_429 = conn.execute(
+            sa.select(db.request_logs).where(db.request_logs.c.status == 429)
+            .order_by(db.request_logs.c.id.desc()).limit(20)
+        ).all()
+    return {
+        "top_keys": [{"prefix": r.prefix, "name": r.name, "tier": r.tier, "allowed": int(r.allowed),
+                      "limited": int(r.limited)} for r in top],
+        "recent_429s": [{"timestamp": db.iso(r.timestamp), "path": r.path, "ip": r.ip, "key_prefix": r.key_prefix,
+                         "message": r.message} for r in recent_429],
+        "alerts": recent_alerts(20),
+        "events": list(svc.events.recent)[:50],
+    }
+
+
+@dashboard_bp.get("/dashboard")
+def dashboard() -> str:
+    svc = services()
+    return render_template("dashboard.html", tier_limits=svc.config.tier_limits, version=VERSION,
+                           window_seconds=svc.config.window_seconds, socketio=svc.socketio is not None)
+
+
+# --- request pipeline --------------------------------------------------------------------------
+
+def before_request() -> None:
+    g.started = time.perf_counter()
+    g.client_ip = request.remote_addr or "unknown"
+    g.key_prefix = None
+    g.user_id = None
+    if request.method == "OPTIONS" or request.endpoint in IP_EXEMPT_ENDPOINTS or request.endpoint is None:
+        return
+    view = current_app.view_functions.get(request.endpoint)
+    if getattr(view, "combined_ip_check", False):
+        return
+    svc = services()
+    try:
+        decision = svc.limiter.check_request(g.client_ip, None)
+    except StoreUnavailable:
+        raise store_unavailable() from None
+    record_ip_decision(svc, g.client_ip, decision.ip)
+
+
+def after_request(response: Response) -> Response:
+    for name, value in (g.get("rate_headers") or {}).items():
+        response.headers.setdefault(name, value)
+    if request.endpoint in ("static", "sdk.sdk_js"):
+        return response
+    svc = services()
+    duration = time.perf_counter() - g.get("started", time.perf_counter())
+    svc.metrics.observe_request(response.status_code, duration)
+    status = response.status_code
+    level = "ERROR" if status >= 500 else "WARNING" if status >= 400 else "INFO"
+    message = ""
+    if status >= 400 and response.is_json:
+        body = response.get_json(silent=True) or {}
+        message = str(body.get("error", ""))[:500]
+    record = {
+        "timestamp": db.utcnow(), "level": level, "method": request.method, "path": request.path[:500],
+        "status": status, "ip": g.get("client_ip"), "key_prefix": g.get("key_prefix"),
+        "user_id": g.get("user_id"), "duration_ms": round(duration * 1000, 3), "message": message,
+    }
+    svc.log_writer.put(record)
+    svc.request_logger.log({**record, "timestamp": db.iso(record["timestamp"])})
+    return response
+
+
+def run_flusher(svc: Services) -> None:
+    """Background loop: write usage counters every ``flush_interval`` until the app stops."""
+    while not svc.stopping.wait(svc.config.flush_interval):
+        try:
+            svc.usage.flush()
+        except Exception:  # keep the loop alive whatever the database does
+            log.exception("usage flush loop error")
+
+
+# --- factory -----------------------------------------------------------------------------------
+
+def build_services(config: Config, clock: Callable[[], float]) -> Services:
+    engine = db.make_engine(config.database_url)
+    db.migrate(engine)
+    limiter = RateLimiter(
+        config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
+        ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
+        ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix, clock=clock,
+    )
+    request_logger = RequestLogger.from_config(config)
+    svc = Services(
+        config=config, engine=engine, limiter=limiter, clock=clock,
+        metrics=Metrics(clock=clock), usage=UsageRecorder(engine, clock=clock),
+        keys=KeyDirectory(engine, clock=clock), notifier=Notifier(config, clock=clock),
+        request_logger=request_logger,
+        log_writer=BatchWriter(lambda rows: db.add_request_logs(engine, rows), interval=config.flush_interval,
+                               name="request-log-writer"),
+        alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
+                                 name="alert-writer"),
+    )
+    svc.events = EventBus(svc)
+    svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert))
+    return svc
+
+
+def _write_alerts(engine: sa.engine.Engine, rows: list[dict[str, Any]]) -> None:
+    with engine.begin() as conn:
+        conn.execute(db.alerts.insert(), rows)
+
+
+def on_alert(svc: Services, alert: Alert) -> None:
+    """Abuse detector callback: a 429 storm is a rate-limit spike; the rest are abuse alerts."""
+    kind = "rate_limit_spike" if alert.kind == "rate_limited" else "abuse_alert"
+    svc.events.emit(kind, alert.source, alert_kind=alert.kind, count=alert.count,
+                    window_seconds=alert.window_seconds, severity=alert.severity)
+    if svc.config.abuse_auto_ban and alert.kind in ("failed_login", "invalid_key"):
+        svc.limiter.ban_ip(alert.source, svc.config.temp_ban_seconds)
+        svc.events.emit("ip_banned", alert.source, seconds=svc.config.temp_ban_seconds, reason=alert.kind)
+
+
+def init_socketio(app: Flask, svc: Services) -> None:
+    if not svc.config.enable_socketio:
+        return
+    if svc.config.web_concurrency > 1:
+        log.warning("ENABLE_SOCKETIO ignored with %s workers (Socket.IO needs sticky sessions); "
+                    "the dashboard polls instead", svc.config.web_concurrency)
+        return
+    from flask_socketio import SocketIO
+
+    socketio = SocketIO(app, async_mode="threading", logger=False, engineio_logger=False)
+    svc.socketio = socketio
+    started = threading.Event()
+
+    def push_metrics() -> None:
+        while not svc.stopping.wait(2.0):
+            socketio.emit("metrics", {**svc.metrics.snapshot(), "limiter_health": svc.limiter.health()})
+
+    @socketio.on("connect")
+    def _connect(auth_data: Any = None) -> None:
+        if not started.is_set():
+            started.set()
+            socketio.start_background_task(push_metrics)
+
+
+def create_app(config: Config | None = None, *, clock: Callable[[], float] = time.time) -> Flask:
+    """Build the API. Raises ConfigError / database.DatabaseError with a one-line message."""
+    config = (config or Config.from_env()).validate()
+    configure_logging(config)
+    if config.jwt_secret_generated:
+        log.warning("JWT_SECRET_KEY is not set: using a random key for this process (tokens die on restart)")
+    if config.web_concurrency > 1 and config.store_kind == "memory":
+        log.warning("WEB_CONCURRENCY=%s without REDIS_URL: each worker keeps its own counters, so every limit "
+                    "is multiplied by the number of workers. Set REDIS_URL.", config.web_concurrency)
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, TESTING=config.testing)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if config.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies)
+    errors.init_app(app)
+    svc = build_services(config, clock)
+    app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
+    auth.JWTManager(app)
+    svc.notifier.init_app(app)
+    with app.app_context():
+        current_app.extensions["jwt"].load_revocations()
+    cors_resources = {path: {"origins": config.cors_origins} for path in (r"/sdk/*", r"/data", r"/usage")}
+    CORS(app, resources=cors_resources, expose_headers=[
+        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit", "RateLimit-Policy",
+        "Retry-After"], allow_headers=["Content-Type", "X-API-Key", "Authorization"], max_age=600)
+    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
+        app.register_blueprint(blueprint)
+    app.before_request(before_request)
+    app.after_request(after_request)
+    init_socketio(app, svc)
+    svc.flusher = threading.Thread(target=run_flusher, args=(svc,), name="usage-flusher", daemon=True)
+    svc.flusher.start()
+    atexit.register(svc.close)
+    return app
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+_lazy_app: Flask | None = None
+_lazy_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """``app.app`` for gunicorn, built on first access so that importing this module does no I/O."""
+    global _lazy_app
+    if name != "app":
+        raise AttributeError(name)
+    with _lazy_lock:
+        if _lazy_app is None:
+            try:
+                _lazy_app = create_app()
+            except (ConfigError, db.DatabaseError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+    return _lazy_app
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python app.py", description="Run the API rate limiter service.")
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=None, help="default: PORT or 5000")
+    parser.add_argument("--ssl-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-key", help="private key for --ssl-cert (PEM)")
+    args = parser.parse_args(argv)
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
+        return 2
+    try:
+        config = Config.from_env()
+        application = create_app(config)
+    except (ConfigError, db.DatabaseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    port = args.port or config.port
+    if port_in_use(args.host, port):
+        print(f"error: port {port} on {args.host} is already in use; stop the other process or use --port",
+              file=sys.stderr)
+        return 1
+    ssl_context = (args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+    log.info("serving on %s://%s:%s", "https" if ssl_context else "http", args.host, port)
+    svc = application.extensions["rl"]
+    signal.signal(signal.SIGTERM, _interrupt)  # flush analytics and logs on a supervisor's TERM too
+    try:
+        if svc.socketio is not None:
+            svc.socketio.run(application, host=args.host, port=port, ssl_context=ssl_context,
+                             allow_unsafe_werkzeug=True, use_reloader=False, log_output=False)
+        else:
+            application.run(host=args.host, port=port, ssl_context=ssl_context, use_reloader=False, threaded=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        svc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

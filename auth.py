@@ -1,0 +1,291 @@
+"""Authentication: password hashing, JWTs with rotation and revocation, API keys, decorators.
+
+``JWTManager`` is a Flask extension (state in ``app.extensions["jwt"]``). Tokens are HS256
+only, carry ``exp``/``iat``/``jti``/``sub`` and a ``type`` claim so an access token can never
+be used as a refresh token or the other way round. Refresh tokens rotate: each is good for
+one use, and presenting a spent one revokes every token of that login ("family").
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import hmac
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import bcrypt
+import jwt
+import sqlalchemy as sa
+from flask import Flask, current_app, g, request
+
+import database as db
+from errors import ApiError
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "HS256"
+ISSUER = "ratelimiter"
+API_KEY_SCHEME = "rl"
+MAX_PASSWORD_CHARS = 1024
+
+
+# --- passwords ------------------------------------------------------------------------------
+
+def _prehash(password: str) -> bytes:
+    """SHA-256 then base64, so passwords of any length fit bcrypt's 72-byte input exactly."""
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password(password: str, rounds: int = 12) -> str:
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def check_password(password: str, hashed: str) -> bool:
+    try:
+        return bcrypt.checkpw(_prehash(password), hashed.encode("ascii"))
+    except ValueError:
+        return False
+
+
+# --- API keys ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NewApiKey:
+    """A freshly generated key: the full secret (shown once), its visible prefix and hash."""
+
+    key: str
+    prefix: str
+    key_hash: str
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_api_key() -> NewApiKey:
+    """``rl_<8 hex>_<43 chars from 32 random bytes>``; only the SHA-256 hash is stored."""
+    prefix = f"{API_KEY_SCHEME}_{secrets.token_hex(4)}"
+    key = f"{prefix}_{secrets.token_urlsafe(32)}"
+    return NewApiKey(key=key, prefix=prefix, key_hash=hash_api_key(key))
+
+
+def looks_like_api_key(value: str) -> bool:
+    return value.startswith(f"{API_KEY_SCHEME}_") and 20 <= len(value) <= 128
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+class JWTManager:
+    """Issues and checks tokens; keeps refresh families and revocations in the database and
+    mirrors revocations into the limiter's shared store so every worker sees them at once."""
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["jwt"] = self
+
+    # Settings are read from the app's Config at call time; nothing is kept on self.
+    @staticmethod
+    def _config():
+        return current_app.extensions["rl.config"]
+
+    @staticmethod
+    def _engine():
+        return current_app.extensions["rl.engine"]
+
+    @staticmethod
+    def _limiter():
+        return current_app.extensions["rl.limiter"]
+
+    def _encode(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self._config().jwt_secret_key, algorithm=ALGORITHM)
+
+    def issue(self, user_id: int, family_id: str | None = None) -> dict[str, Any]:
+        """Create an access token and a refresh token (recorded in its family)."""
+        config = self._config()
+        now = int(dt.datetime.now(dt.UTC).timestamp())
+        family_id = family_id or uuid.uuid4().hex
+        access = {"sub": str(user_id), "iat": now, "exp": now + config.access_token_ttl,
+                  "jti": uuid.uuid4().hex, "type": "access", "iss": ISSUER}
+        refresh_jti = uuid.uuid4().hex
+        refresh = {"sub": str(user_id), "iat": now, "exp": now + config.refresh_token_ttl,
+                   "jti": refresh_jti, "type": "refresh", "fam": family_id, "iss": ISSUER}
+        issued = db.utcnow()
+        with self._engine().begin() as conn:
+            conn.execute(db.refresh_tokens.insert().values(
+                jti=refresh_jti, family_id=family_id, user_id=user_id, issued_at=issued,
+                expires_at=issued + dt.timedelta(seconds=config.refresh_token_ttl),
+            ))
+        return {
+            "access_token": self._encode(access),
+            "refresh_token": self._encode(refresh),
+            "token_type": "Bearer",
+            "expires_in": config.access_token_ttl,
+        }
+
+    def decode(self, token: str, expected_type: str) -> dict[str, Any]:
+        """Verify signature, algorithm, expiry, required claims and type; raise 401 otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._config().jwt_secret_key,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "jti", "sub", "type"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ApiError(401, "token_expired", "The token has expired") from None
+        except jwt.InvalidTokenError:
+            raise ApiError(401, "invalid_token", "The token is malformed or its signature is invalid") from None
+        if claims.get("type") != expected_type:
+            raise ApiError(401, "invalid_token", f"An {expected_type} token is required")
+        if not str(claims["sub"]).isdigit():
+            raise ApiError(401, "invalid_token", "The token subject is invalid")
+        return claims
+
+    def is_revoked(self, jti: str) -> bool:
+        """Shared store first (fast, seen by all workers); the database when the store is degraded."""
+        limiter = self._limiter()
+        if limiter.has_flag(f"revoked:{jti}"):
+            return True
+        if limiter.health() == "ok":
+            return False
+        with self._engine().connect() as conn:
+            return conn.execute(
+                sa.select(db.revoked_tokens.c.jti).where(db.revoked_tokens.c.jti == jti)
+            ).first() is not None
+
+    def revoke_access(self, claims: dict[str, Any]) -> None:
+        now = db.utcnow()
+        expires = dt.datetime.fromtimestamp(claims["exp"], dt.UTC).replace(tzinfo=None)
+        with self._engine().begin() as conn:
+            exists = conn.execute(
+                sa.select(db.revoked_tokens.c.jti).where(db.revoked_tokens.c.jti == claims["jti"])
+            ).first()
+            if not exists:
+                conn.execute(db.revoked_tokens.insert().values(
+                    jti=claims["jti"], user_id=int(claims["sub"]), expires_at=expires, revoked_at=now))
+        ttl = max(1, int((expires - now).total_seconds()) + 1)
+        self._limiter().set_flag(f"revoked:{claims['jti']}", ttl)
+
+    def revoke_family(self, family_id: str) -> None:
+        with self._engine().begin() as conn:
+            conn.execute(
+                db.refresh_tokens.update()
+                .where(db.refresh_tokens.c.family_id == family_id, db.refresh_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=db.utcnow())
+            )
+
+    def rotate(self, refresh_token: str) -> dict[str, Any]:
+        """Spend a refresh token and issue a new pair; a replayed token revokes its whole family."""
+        claims = self.decode(refresh_token, "refresh")
+        family_id = claims.get("fam")
+        if not isinstance(family_id, str):
+            raise ApiError(401, "invalid_token", "The refresh token has no family")
+        with self._engine().begin() as conn:
+            spent = conn.execute(
+                db.refresh_tokens.update()
+                .where(
+                    db.refresh_tokens.c.jti == claims["jti"],
+                    db.refresh_tokens.c.used_at.is_(None),
+                    db.refresh_tokens.c.revoked_at.is_(None),
+                )
+                .values(used_at=db.utcnow())
+            ).rowcount
+        if spent != 1:
+            self.revoke_family(family_id)
+            log.warning("refresh token reuse detected; revoked family %s of user %s", family_id, claims["sub"])
+            raise ApiError(401, "token_reused", "This refresh token was already used or revoked; sign in again")
+        return self.issue(int(claims["sub"]), family_id=family_id)
+
+    def load_revocations(self) -> int:
+        """Copy unexpired revocations from the database into the store (after a restart)."""
+        now = db.utcnow()
+        with self._engine().connect() as conn:
+            rows = conn.execute(
+                sa.select(db.revoked_tokens.c.jti, db.revoked_tokens.c.expires_at)
+                .where(db.revoked_tokens.c.expires_at > now)
+            ).all()
+        for jti, expires in rows:
+            self._limiter().set_flag(f"revoked:{jti}", max(1, int((expires - now).total_seconds()) + 1))
+        return len(rows)
+
+
+# --- request helpers and decorators ----------------------------------------------------------
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticate_access_token(token: str) -> dict[str, Any]:
+    """Claims of a valid, unrevoked access token, or ApiError(401)."""
+    manager: JWTManager = current_app.extensions["jwt"]
+    claims = manager.decode(token, "access")
+    if manager.is_revoked(claims["jti"]):
+        raise ApiError(401, "token_revoked", "The token has been revoked")
+    return claims
+
+
+def jwt_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Require a Bearer access token; puts its claims on ``g.jwt`` and the user id on ``g.user_id``."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = bearer_token()
+        if token is None:
+            raise ApiError(401, "missing_token", "Send Authorization: Bearer <access_token>")
+        g.jwt = authenticate_access_token(token)
+        g.user_id = int(g.jwt["sub"])
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def admin_actor() -> str:
+    """Name of the admin making this request, or raise 401/403.
+
+    ADMIN_TOKEN is compared in constant time; when it is unset only admin users' JWTs pass.
+    """
+    token = bearer_token()
+    if token is None:
+        raise ApiError(401, "missing_admin_token", "Send Authorization: Bearer <ADMIN_TOKEN>")
+    admin_token = current_app.extensions["rl.config"].admin_token
+    if admin_token and hmac.compare_digest(token.encode("utf-8"), admin_token.encode("utf-8")):
+        return "admin-token"
+    if token.count(".") == 2:
+        try:
+            claims = authenticate_access_token(token)
+        except ApiError:
+            raise ApiError(401, "invalid_admin_token", "The admin token is not valid") from None
+        with current_app.extensions["rl.engine"].connect() as conn:
+            row = conn.execute(
+                sa.select(db.users.c.username, db.users.c.is_admin).where(db.users.c.id == int(claims["sub"]))
+            ).first()
+        if row is not None and row.is_admin:
+            return f"user:{row.username}"
+        raise ApiError(403, "forbidden", "This account is not an administrator")
+    raise ApiError(401, "invalid_admin_token", "The admin token is not valid")
+
+
+def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Require ADMIN_TOKEN (or an admin user's JWT); the actor's name goes on ``g.admin_actor``."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        g.admin_actor = admin_actor()
+        return view(*args, **kwargs)
+
+    return wrapper
