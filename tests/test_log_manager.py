@@ -222,51 +222,42 @@ def test_prune_removes_rotated_files_older_than_retention(request_logger, tmp_pa
 # --------------------------------------------------------------------------- AbuseDetector
 
 
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def detector(clock: FakeClock, alerts: list[Alert] | None = None, **kwargs) -> AbuseDetector:
+def detector(clock: Callable[[], float], alerts: list[Alert] | None = None, **kwargs) -> AbuseDetector:
     kwargs.setdefault("thresholds", {"failed_login": 3, "invalid_key": 3, "rate_limited": 5, "ip_ban": 2})
     on_alert = alerts.append if alerts is not None else None
     return AbuseDetector(window_seconds=60, on_alert=on_alert, clock=clock, **kwargs)
 
 
-def test_alert_fires_once_when_the_threshold_is_reached():
-    clock, alerts = FakeClock(), []
+def test_alert_fires_once_when_the_threshold_is_reached(clock):
+    alerts: list[Alert] = []
     abuse = detector(clock, alerts)
 
     results = []
     for _ in range(5):
         results.append(abuse.record("failed_login", "203.0.113.9", username="alice"))
-        clock.now += 1
+        clock.advance(1)
 
     assert results[:2] == [None, None] and results[3:] == [None, None]
     alert = results[2]
     assert alerts == [alert]
     assert (alert.kind, alert.source, alert.count, alert.severity) == ("failed_login", "203.0.113.9", 3, "warning")
-    assert alert.first_seen == 1_000_000.0 and alert.last_seen == 1_000_002.0
+    assert alert.last_seen - alert.first_seen == 2
     assert alert.details == {"username": "alice"}
 
 
-def test_events_older_than_the_window_do_not_count():
-    clock = FakeClock()
+def test_events_older_than_the_window_do_not_count(clock):
     abuse = detector(clock)
     abuse.record("invalid_key", "198.51.100.7")
     abuse.record("invalid_key", "198.51.100.7")
-    clock.now += 61
+    clock.advance(61)
 
     assert abuse.record("invalid_key", "198.51.100.7") is None
     assert abuse.record("invalid_key", "198.51.100.7") is None
     assert abuse.record("invalid_key", "198.51.100.7") is not None
 
 
-def test_sources_and_kinds_are_counted_separately():
-    abuse = detector(FakeClock())
+def test_sources_and_kinds_are_counted_separately(clock):
+    abuse = detector(clock)
     for source in ("10.0.0.1", "10.0.0.2"):
         abuse.record("failed_login", source)
         abuse.record("invalid_key", source)
@@ -274,15 +265,15 @@ def test_sources_and_kinds_are_counted_separately():
     assert abuse.recent_alerts() == []
 
 
-def test_cooldown_keeps_quiet_then_alerts_again_as_critical():
-    clock, alerts = FakeClock(), []
+def test_cooldown_keeps_quiet_then_alerts_again_as_critical(clock):
+    alerts: list[Alert] = []
     abuse = detector(clock, alerts, cooldown_seconds=120)
     for _ in range(3):
         abuse.record("failed_login", "203.0.113.9")
-    clock.now += 100
+    clock.advance(100)
     for _ in range(3):
         assert abuse.record("failed_login", "203.0.113.9") is None
-    clock.now += 20
+    clock.advance(20)
 
     again = abuse.record("failed_login", "203.0.113.9")
 
@@ -290,37 +281,36 @@ def test_cooldown_keeps_quiet_then_alerts_again_as_critical():
     assert len(alerts) == 2
 
 
-def test_two_ip_bans_escalate_to_a_critical_alert():
-    abuse = detector(FakeClock())
+def test_two_ip_bans_escalate_to_a_critical_alert(clock):
+    abuse = detector(clock)
     assert abuse.record("ip_ban", "203.0.113.9", ban_seconds=300) is None
     alert = abuse.record("ip_ban", "203.0.113.9", ban_seconds=600)
     assert alert is not None and alert.severity == "critical" and alert.to_dict()["last_seen"].endswith("Z")
 
 
-def test_a_failing_on_alert_is_logged_not_raised(caplog):
+def test_a_failing_on_alert_is_logged_not_raised(clock, caplog):
     def broken(alert: Alert) -> None:
         raise RuntimeError("mail server on fire")
 
-    abuse = AbuseDetector(window_seconds=60, thresholds={"failed_login": 1}, on_alert=broken, clock=FakeClock())
+    abuse = AbuseDetector(window_seconds=60, thresholds={"failed_login": 1}, on_alert=broken, clock=clock)
     with caplog.at_level(logging.ERROR, logger="log_manager"):
         assert abuse.record("failed_login", "203.0.113.9") is not None
     assert "on_alert callback failed" in caplog.text
 
 
-def test_stale_sources_are_evicted_and_tracking_is_capped():
-    clock = FakeClock()
+def test_stale_sources_are_evicted_and_tracking_is_capped(clock):
     abuse = detector(clock, max_sources=50)
     for i in range(200):
         abuse.record("invalid_key", f"10.0.{i // 256}.{i % 256}")
     assert abuse.tracked_sources() == 50
 
-    clock.now += 61
+    clock.advance(61)
     abuse.record("invalid_key", "192.0.2.1")
     assert abuse.tracked_sources() == 1
 
 
-def test_recent_alerts_are_newest_first_and_bounded():
-    abuse = AbuseDetector(window_seconds=60, thresholds={"rate_limited": 1}, clock=FakeClock(), max_alerts=3)
+def test_recent_alerts_are_newest_first_and_bounded(clock):
+    abuse = AbuseDetector(window_seconds=60, thresholds={"rate_limited": 1}, clock=clock, max_alerts=3)
     for i in range(5):
         abuse.record("rate_limited", f"rl_0000000{i}")
 
@@ -347,9 +337,9 @@ def test_concurrent_records_raise_exactly_one_alert():
     assert len(alerts) == 1 and alerts[0].count == 100
 
 
-def test_unknown_kind_is_rejected():
+def test_unknown_kind_is_rejected(clock):
     with pytest.raises(ValueError):
-        detector(FakeClock()).record("sneezing", "x")
+        detector(clock).record("sneezing", "x")
 
 
 def test_from_config_uses_the_abuse_settings():

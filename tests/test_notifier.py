@@ -20,12 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from services import free_port
 
 import notifier as notifier_module
 from config import Config
 from log_manager import AbuseDetector
 from notifier import EVENTS, KEY_BLOCKED, Notifier, SmtpSender, format_subject, header_safe
+from tests.services import free_port
 
 USERNAME = "alerts@example.test"
 PASSWORD = "s3cret-Pa55word"
