@@ -153,7 +153,7 @@ class Notifier:
         self._queue: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self._last_queued: dict[tuple[str, str], float] = {}
-        self._counts = dict(sent=0, failed=0, suppressed=0, dropped=0, disabled=0)
+        self._counts = dict(sent=0, failed=0, suppressed=0, dropped=0, disabled=0, invalid=0)
         self._closed = False
         self._thread: threading.Thread | None = None
         if self.enabled:
@@ -168,12 +168,15 @@ class Notifier:
     def notify(self, event: str, subject: str, details: Mapping[str, Any] | None = None) -> bool:
         """Queue an e-mail about ``event`` concerning ``subject`` (a key prefix, an IP, a user).
 
-        Never blocks and never sends on the caller's thread. Returns False when e-mail is
-        disabled, the (event, subject) pair is in its cooldown, or the queue is full or closed.
-        Raises ValueError only for an event name not in EVENTS (a programming error).
+        Never blocks, never raises and never sends on the caller's thread. Returns False when
+        e-mail is disabled, the (event, subject) pair is in its cooldown, the queue is full or
+        closed, or ``event`` is not one of EVENTS (logged as an error: a programming mistake
+        must not turn an admin action that already happened into a 500).
         """
         if event not in EVENT_TITLES:
-            raise ValueError(f"unknown notification event {event!r}; expected one of {', '.join(EVENTS)}")
+            log.error("unknown notification event %r; expected one of %s", event, ", ".join(EVENTS))
+            self._count("invalid")
+            return False
         with self._cond:
             if not self.enabled:
                 self._counts["disabled"] += 1
@@ -192,18 +195,6 @@ class Notifier:
             self._cond.notify()
         return True
 
-    def notify_alert(self, alert: Any) -> bool:
-        """Mail a log_manager ``Alert``; usable directly as ``AbuseDetector(on_alert=notifier.notify_alert)``.
-
-        A 429 storm on a key becomes ``rate_limit_spike`` about the key prefix; every other
-        kind becomes ``abuse_alert`` about ``"<kind> from <source>"``.
-        """
-        details = alert.to_dict()
-        details.update({f"detail.{name}": value for name, value in details.pop("details").items()})
-        if alert.kind == "rate_limited":
-            return self.notify(RATE_LIMIT_SPIKE, alert.source, details)
-        return self.notify(ABUSE_ALERT, alert.summary, details)
-
     def close(self, timeout: float = 5.0) -> bool:
         """Send what is queued, then stop the thread; True when it stopped within ``timeout``."""
         with self._cond:
@@ -215,7 +206,7 @@ class Notifier:
         return not self._thread.is_alive()
 
     def stats(self) -> dict[str, int]:
-        """Counters: sent, failed, suppressed, dropped, disabled, and queued (waiting now)."""
+        """Counters: sent, failed, suppressed, dropped, disabled, invalid, and queued (waiting now)."""
         with self._cond:
             return dict(self._counts, queued=len(self._queue))
 

@@ -23,7 +23,6 @@ from cryptography.x509.oid import NameOID
 
 import notifier as notifier_module
 from config import Config
-from log_manager import AbuseDetector
 from notifier import EVENTS, KEY_BLOCKED, Notifier, SmtpSender, format_subject, header_safe
 from tests.services import free_port
 
@@ -294,25 +293,6 @@ def test_full_api_key_in_subject_or_details_is_masked(make_notifier):
     assert "rl_1a2b3c4d…" in sent[0]["Subject"]
 
 
-def test_abuse_alerts_map_to_abuse_alert_and_rate_limit_spike(make_notifier):
-    sent: list[EmailMessage] = []
-    notifier = make_notifier(make_config(1), sender=sent.append)
-    abuse = AbuseDetector(
-        window_seconds=60, thresholds={"failed_login": 1, "rate_limited": 1}, on_alert=notifier.notify_alert
-    )
-
-    abuse.record("failed_login", "203.0.113.9", username="alice")
-    abuse.record("rate_limited", "rl_ab12cd34")
-    wait_until(lambda: len(sent) == 2)
-
-    assert [m["Subject"] for m in sent] == [
-        "[RateLimiter] Abuse alert: failed_login from 203.0.113.9",
-        "[RateLimiter] Rate-limit spike: rl_ab12cd34",
-    ]
-    body = sent[0].get_content()
-    assert "detail.username: alice" in body and "severity: warning" in body and "count: 1" in body
-
-
 def test_full_queue_drops_and_counts(make_notifier):
     release = threading.Event()
     notifier = make_notifier(make_config(1), sender=lambda message: release.wait(10), max_queue=2)
@@ -344,10 +324,14 @@ def test_disabled_notifier_is_a_cheap_no_op(monkeypatch):
     assert notifier.close() is True
 
 
-def test_unknown_event_is_rejected(make_notifier):
-    notifier = make_notifier(make_config(1), sender=lambda message: None)
-    with pytest.raises(ValueError):
-        notifier.notify("coffee_ready", "x", {})
+def test_unknown_event_is_logged_and_refused_not_raised(make_notifier, caplog):
+    sent: list[EmailMessage] = []
+    notifier = make_notifier(make_config(1), sender=sent.append)
+
+    assert notifier.notify("coffee_ready", "x", {}) is False
+    assert notifier.stats()["invalid"] == 1
+    assert "unknown notification event 'coffee_ready'" in caplog.text
+    assert notifier.close() is True and sent == []
 
 
 def test_every_event_has_a_title():
