@@ -107,6 +107,18 @@ class JsonFormatter(logging.Formatter):
         return _dumps(payload)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, so a replaced or closed stream
+    (test capture, a daemon redirect) never leaves a handler holding a dead file object."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
 def _ensure_dir(log_dir: str) -> str:
     """Create ``log_dir`` and prove it is writable, or raise LogSetupError naming it."""
     try:
@@ -142,7 +154,7 @@ def configure_logging(config: Config) -> None:
     log_dir = _ensure_dir(config.log_dir)
     file_handler = _rotating_handler(os.path.join(log_dir, APP_LOG_NAME), config.log_max_bytes, config.log_backup_count)
     formatter = JsonFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), file_handler]
+    handlers: list[logging.Handler] = [_StderrHandler(), file_handler]
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _MANAGED_ATTR, False)]:
         root.removeHandler(old)

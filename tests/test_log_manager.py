@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +75,16 @@ def test_configure_logging_writes_json_lines_to_file_and_stderr(tmp_path, root_l
     assert line["key_prefix"] == "rl_1a2b3c4d"
     assert line["timestamp"].endswith("Z") and "T" in line["timestamp"]
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["message"] == line["message"]
+
+
+def test_stderr_handler_follows_a_replaced_sys_stderr(tmp_path, root_logger, monkeypatch):
+    configure_logging(Config(log_dir=str(tmp_path)))
+    replacement = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", replacement)
+
+    logging.getLogger("rl.test").warning("after the swap")
+
+    assert json.loads(replacement.getvalue())["message"] == "after the swap"
 
 
 def test_configure_logging_twice_adds_no_duplicate_handlers(tmp_path, root_logger):
