@@ -259,9 +259,14 @@ class Strategy:
         raise NotImplementedError
 
 
+_new_tuple = tuple.__new__
+
+
 def _limit_result(allowed: Any, limit: int, used: int, reset_us: int, retry_us: int) -> LimitResult:
-    return LimitResult(bool(allowed), limit, max(0, limit - used), reset_us / US,
-                       0.0 if allowed else max(0, retry_us) / US)
+    # tuple.__new__ skips NamedTuple's Python-level __new__: this runs on every decision.
+    remaining = limit - used if used < limit else 0
+    retry = 0.0 if allowed else (retry_us / US if retry_us > 0 else 0.0)
+    return _new_tuple(LimitResult, (bool(allowed), limit, remaining, reset_us / US, retry))
 
 
 class SlidingWindow(Strategy):
@@ -440,15 +445,19 @@ class MemoryStore:
             del self._data[key]
 
     def _apply(self, strategy: Strategy, key: str, now: int, limit: int, window: int, cost: int, record: int):
-        current = self._get(key, now)
+        item = self._data.get(key)
+        current = item[1] if item is not None and item[0] > now else None
         state, expires, raw = strategy.apply(current, now, limit, window, cost, record)
         if raw[0] and record:
-            self._put(key, state, expires)
-        elif current is not None and not current:  # a sliding log trimmed to nothing
+            if item is None:
+                self._data[key] = [expires, state]
+            else:
+                item[0], item[1] = expires, state
+        elif item is not None and not current:  # expired, or a sliding log trimmed to nothing
             del self._data[key]
         return raw
 
-    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int, nonce: str) -> tuple:
+    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> tuple:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
@@ -688,8 +697,8 @@ class RedisStore:
             raise
         self._idle.append(conn)
 
-    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int, nonce: str) -> list:
-        return self._eval("hit", (key,), (now, limit, window, cost, record, nonce))
+    def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> list:
+        return self._eval("hit", (key,), (now, limit, window, cost, record, _nonce()))
 
     def check(self, keys: list[str], args: list) -> list:
         out = self._eval("check", keys, args)
@@ -773,6 +782,8 @@ class RateLimiter:
         self.keys = Keys(key_prefix)
         self._clock = clock
         self._tier_args = [x for item in self.tier_limits.items() for x in item]
+        self._subject_prefix = f"{key_prefix}:{{k:"
+        self._strategy_suffix = f"}}:{self.strategy.suffix}"
         self._fallback = MemoryStore(self.keys, self.strategy)
         self._store: MemoryStore | RedisStore = self._fallback
         self._down = False
@@ -801,7 +812,7 @@ class RateLimiter:
         return self._store.kind
 
     def _now(self) -> int:
-        return int(self._clock() * US)
+        return round(self._clock() * US)
 
     # ---- fail modes
     def _mark_down(self, exc: Exception, now: int) -> None:
@@ -851,6 +862,8 @@ class RateLimiter:
         if op in ("set_meta", "delete_meta", "set_flag", "ban", "unban") and len(self._pending) < 100_000:
             self._pending.pop(args[0], None)  # the latest write per key wins, in order
             self._pending[args[0]] = (op, args)
+        if op == "check" and self.fail_mode == "open":
+            args[1][2] = ""  # open: no IP counting; meta and flags still come from the fallback store
         return getattr(self._fallback, op)(*args), True
 
     def health(self) -> str:
@@ -863,10 +876,15 @@ class RateLimiter:
     def _limit(self, subject: str, limit: int, window: int | None, cost: int, record: int) -> LimitResult:
         if cost < 1:
             raise ValueError("cost must be >= 1")
-        now = self._now()
+        now = round(self._clock() * US)
         win = (window or self.window) * US
-        raw, degraded = self._exec("hit", self.keys.subject(subject, self.strategy.suffix), now, limit, win, cost,
-                                   record, _nonce())
+        key = f"{self._subject_prefix}{subject}{self._strategy_suffix}"
+        if not self._down:  # fast path: no tuple packing, no getattr
+            try:
+                return self.strategy.result(self._store.hit(key, now, limit, win, cost, record), now, limit, win, cost)
+            except redis.RedisError as exc:
+                self._mark_down(exc, now)
+        raw, degraded = self._exec("hit", key, now, limit, win, cost, record)
         if degraded and self.fail_mode == "open":
             return LimitResult(True, limit, max(0, limit - cost), (now + win) / US, 0.0)
         return self.strategy.result(raw, now, limit, win, cost)
