@@ -232,6 +232,8 @@ class Config:
             alert_email_to=_csv(env.get("ALERT_EMAIL_TO")),
             email_event_cooldown_seconds=_int(env, "EMAIL_EVENT_COOLDOWN_SECONDS", 300, 0),
         )
+        if "jwt_secret_key" in overrides:
+            values["jwt_secret_generated"] = False
         values.update(overrides)
         return cls(**values)
 
