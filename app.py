@@ -1066,7 +1066,9 @@ def api_analytics() -> Response:
     svc = services()
     minutes = int_arg("minutes", 60, maximum=24 * 60)
     svc.usage.flush()
-    since = (db.utcnow() - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
+    # The usage buckets are stamped with the app's clock, so the window must be measured by it too.
+    now = dt.datetime.fromtimestamp(svc.clock(), dt.UTC).replace(tzinfo=None)
+    since = (now - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
     c = db.usage_counters.c
     with svc.engine.connect() as conn:
         series = conn.execute(
@@ -1092,6 +1094,7 @@ def api_analytics() -> Response:
         "window_seconds": svc.config.window_seconds,
         "metrics": svc.metrics.snapshot(),
         "limiter_store": svc.limiter.store_kind,
+        "limiter_health": svc.limiter.health(),
         "socketio": svc.socketio is not None,
     }
     if auth.bearer_token():
