@@ -1237,18 +1237,40 @@ def init_socketio(app: Flask, svc: Services) -> None:
         log.warning("ENABLE_SOCKETIO ignored with %s workers (Socket.IO needs sticky sessions); "
                     "the dashboard polls instead", svc.config.web_concurrency)
         return
-    from flask_socketio import SocketIO
+    from flask_socketio import SocketIO, emit, join_room
 
     socketio = SocketIO(app, async_mode="threading", logger=False, engineio_logger=False)
     svc.socketio = socketio
     started = threading.Event()
+    admin_room = "admins"
+    broadcast = socketio.emit
+
+    def emit_event_to_admins(event: str, *args: Any, **kwargs: Any) -> None:
+        # "event" messages name users, keys and IPs: only sockets that presented ADMIN_TOKEN get them.
+        if event == "event":
+            kwargs.setdefault("to", admin_room)
+        broadcast(event, *args, **kwargs)
+
+    socketio.emit = emit_event_to_admins  # type: ignore[method-assign]
+
+    def snapshot() -> dict[str, Any]:
+        return {**svc.metrics.snapshot(), "limiter_health": svc.limiter.health()}
 
     def push_metrics() -> None:
         while not svc.stopping.wait(2.0):
-            socketio.emit("metrics", {**svc.metrics.snapshot(), "limiter_health": svc.limiter.health()})
+            socketio.emit("metrics", snapshot())
+
+    def is_admin(auth_data: Any) -> bool:
+        token = auth_data.get("token") if isinstance(auth_data, dict) else None
+        admin_token = svc.config.admin_token
+        return bool(isinstance(token, str) and admin_token
+                    and hmac.compare_digest(token.encode("utf-8"), admin_token.encode("utf-8")))
 
     @socketio.on("connect")
     def _connect(auth_data: Any = None) -> None:
+        if is_admin(auth_data):
+            join_room(admin_room)
+        emit("metrics", snapshot())  # the new client sees numbers at once, not after the next tick
         if not started.is_set():
             started.set()
             socketio.start_background_task(push_metrics)
