@@ -210,7 +210,14 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         return {}
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    import json
+
+    try:
+        body = request.get_json(silent=True)
+        if isinstance(body, dict):  # a lone surrogate ("\ud800") parses, but cannot be hashed or stored
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (RecursionError, UnicodeEncodeError):  # nesting deeper than the parser allows, or that surrogate
+        body = None
     if body is None:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
     if not isinstance(body, dict):
@@ -231,7 +238,7 @@ def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len
     return value
 
 
-def int_arg(name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+def int_arg(name: str, default: int, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
@@ -239,9 +246,8 @@ def int_arg(name: str, default: int, *, minimum: int = 1, maximum: int | None = 
         value = int(raw)
     except ValueError:
         raise bad_request(name, f"'{name}' must be an integer") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and at most {maximum}" if maximum is not None else ""
-        raise bad_request(name, f"'{name}' must be at least {minimum}{upper}")
+    if value < minimum or value > maximum:  # the default maximum keeps ids and offsets in database range
+        raise bad_request(name, f"'{name}' must be at least {minimum} and at most {maximum}")
     return value
 
 
