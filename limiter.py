@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import ssl
+import string
 import struct
 import threading
 import time
@@ -192,12 +193,12 @@ LUA_HIT = "return {strategy}(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonu
     "tonumber(ARGV[5]), ARGV[6])"
 
 # KEYS: ban, ban history, ip log, ban index, meta, subject key, flags...
-# ARGV: now, nonce, ip ('' = exempt), ip_limit, ip_window, ban_us, ban_mult, ban_cap, has_subject,
-#       window, default_limit, tier1, limit1, tier2, limit2, ...
-LUA_CHECK = """
+# ARGV: now, nonce, ip ('' = exempt), has_subject ('1'/'0'). The policy is rendered into the source
+# as constants (one script per configuration): fewer arguments to send and parse on every request.
+LUA_CHECK = string.Template("""
+local LIMITS, DEFAULT_LIMIT, WINDOW = $limits, $default_limit, $window
+local IP_LIMIT, IP_WINDOW, BAN_US, BAN_MULT, BAN_CAP = $ip_limit, $ip_window, $ban_us, $ban_multiplier, $ban_cap
 local now, nonce, ip = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local limits = {}
-for i = 12, #ARGV, 2 do limits[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local function finish(out)
   for i = 7, #KEYS do
     local v = tonumber(redis.call('GET', KEYS[i]))
@@ -213,25 +214,24 @@ if ip ~= '' then
   ip_code = 1
 end
 local tier, blocked, limit = '', 0, 0
-if ARGV[9] == '1' then
+if ARGV[4] == '1' then
   local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked')
   if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
   tier, blocked = m[1], tonumber(m[2]) or 0
-  limit = limits[tier] or tonumber(ARGV[11])
+  limit = LIMITS[tier] or DEFAULT_LIMIT
 end
 if ip ~= '' then
-  local r = sliding_window(KEYS[3], now, tonumber(ARGV[4]), tonumber(ARGV[5]), 1, 1, nonce)
+  local r = sliding_window(KEYS[3], now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
   if r[1] == 0 then
-    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, tonumber(ARGV[6]), tonumber(ARGV[7]),
-      tonumber(ARGV[8]), nonce)
+    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
     return finish({3, u, n, 0, '', 0, 0, 0, 0, 0, 0})
   end
 end
-if ARGV[9] ~= '1' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
+if ARGV[4] ~= '1' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
 if blocked == 1 then return finish({ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit}) end
-local r = {strategy}(KEYS[6], now, limit, tonumber(ARGV[10]), 1, 1, nonce)
+local r = $strategy(KEYS[6], now, limit, WINDOW, 1, 1, nonce)
 return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
-"""
+""")
 
 # KEYS ban, history, index; ARGV now, ip, length_us, nonce
 LUA_BAN = "local n, u = start_ban(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[1]), tonumber(ARGV[3]), " \
@@ -402,10 +402,35 @@ class Keys:
 
     def check_keys(self, ip: str | None, subject: str | None, suffix: str, flags: Sequence[str]) -> list[str]:
         """KEYS of the check script, in its order; absent parts get a placeholder."""
-        ipk = ip if ip is not None else "-"
-        sub = subject if subject is not None else "-"
-        return [self.ip(ipk, "ban"), self.ip(ipk, "bans"), self.ip(ipk, "sw"), self.ban_index,
-                self.subject(sub, "meta"), self.subject(sub, suffix), *map(self.flag, flags)]
+        ipk = f"{self.prefix}:{{ip:{ip if ip is not None else '-'}}}:"
+        sub = f"{self.prefix}:{{k:{subject if subject is not None else '-'}}}:"
+        keys = [ipk + "ban", ipk + "bans", ipk + "sw", self.ban_index, sub + "meta", sub + suffix]
+        if flags:
+            keys.extend(map(self.flag, flags))
+        return keys
+
+
+class Policy(NamedTuple):
+    """What check_request enforces; times in microseconds. Both stores get it at construction."""
+
+    tier_limits: dict[str, int]
+    default_limit: int
+    window: int
+    ip_limit: int
+    ip_window: int
+    ban_us: int
+    ban_multiplier: float
+    ban_cap: int = MAX_BAN_US
+
+    def render(self, template: string.Template, strategy: str) -> str:
+        """The check script with this policy's numbers as Lua constants."""
+        limits = "{" + ", ".join(f"[{_lua_string(t)}] = {n}" for t, n in self.tier_limits.items()) + "}"
+        values = {**self._asdict(), "limits": limits, "strategy": strategy, "ban_multiplier": repr(self.ban_multiplier)}
+        return template.substitute(values)
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 # --------------------------------------------------------------------------- stores
@@ -418,9 +443,10 @@ class MemoryStore:
     kind = "memory"
     SWEEP_EVERY_US = 5 * US
 
-    def __init__(self, keys: Keys, strategy: Strategy) -> None:
+    def __init__(self, keys: Keys, strategy: Strategy, policy: Policy) -> None:
         self.keys = keys
         self.strategy = strategy
+        self.policy = policy
         self.ip_log = SlidingWindow()
         self._data: dict[str, list] = {}
         self._lock = threading.Lock()
@@ -482,19 +508,16 @@ class MemoryStore:
         self._put(self.keys.ban_index, index, max(index.values()))
         return n, until
 
-    def check(self, keys: list[str], args: list) -> list:
-        now, nonce, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window, default_limit = args[:11]
-        limits = dict(zip(args[11::2], args[12::2], strict=True))
+    def check(self, keys: list[str], now: int, ip: str, has_subject: bool) -> list:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            out = self._check(keys, now, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window,
-                              default_limit, limits)
-            out.extend(int((self._get(k, now) or 0) > now) for k in keys[6:])
+            out = self._check(keys, now, ip, has_subject, self.policy)
+            if len(keys) > 6:
+                out.extend(int((self._get(k, now) or 0) > now) for k in keys[6:])
             return out
 
-    def _check(self, keys, now, ip, ip_limit, ip_window, ban_us, mult, cap, has_subject, window, default_limit,
-               limits) -> list:
+    def _check(self, keys: list[str], now: int, ip: str, has_subject: bool, policy: Policy) -> list:
         ip_code = bans = 0
         if ip:
             until = self._get(keys[0], now) or 0
@@ -503,20 +526,20 @@ class MemoryStore:
                 return [2, until, bans, 0, "", 0, 0, 0, 0, 0, 0]
             ip_code = 1
         tier, blocked, limit = "", 0, 0
-        if has_subject == "1":
+        if has_subject:
             meta = self._get(keys[4], now)
             if meta is None:
                 return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0, 0]
             tier, blocked = meta
-            limit = limits.get(tier, default_limit)
-        if ip and not self._apply(self.ip_log, keys[2], now, ip_limit, ip_window, 1, 1)[0]:
-            n, until = self._start_ban(ip, now, 0, ban_us, mult, cap)
+            limit = policy.tier_limits.get(tier, policy.default_limit)
+        if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
             return [3, until, n, 0, "", 0, 0, 0, 0, 0, 0]
-        if has_subject != "1":
+        if not has_subject:
             return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0, 0]
         if blocked:
             return [ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit]
-        raw = self._apply(self.strategy, keys[5], now, limit, window, 1, 1)
+        raw = self._apply(self.strategy, keys[5], now, limit, policy.window, 1, 1)
         return [ip_code, 0, bans, 2, tier, 0, *raw, limit]
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
@@ -640,7 +663,7 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str, keys: Keys, strategy: Strategy) -> None:
+    def __init__(self, url: str, keys: Keys, strategy: Strategy, policy: Policy) -> None:
         self.keys = keys
         self._params = parse_url(url)
         self._client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
@@ -649,7 +672,7 @@ class RedisStore:
         self._pid = os.getpid()
         sources = {
             "hit": LUA_HIT.format(strategy=strategy.name),
-            "check": LUA_CHECK.replace("{strategy}", strategy.name),
+            "check": policy.render(LUA_CHECK, strategy.name),
             "ban": LUA_BAN,
             "unban": LUA_UNBAN,
         }
@@ -700,8 +723,8 @@ class RedisStore:
     def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> list:
         return self._eval("hit", (key,), (now, limit, window, cost, record, _nonce()))
 
-    def check(self, keys: list[str], args: list) -> list:
-        out = self._eval("check", keys, args)
+    def check(self, keys: list[str], now: int, ip: str, has_subject: bool) -> list:
+        out = self._eval("check", keys, (now, _nonce(), ip, "1" if has_subject else "0"))
         out[4] = out[4].decode()
         return out
 
@@ -781,10 +804,11 @@ class RateLimiter:
         self.fail_mode = fail_mode
         self.keys = Keys(key_prefix)
         self._clock = clock
-        self._tier_args = [x for item in self.tier_limits.items() for x in item]
+        self.policy = Policy(self.tier_limits, self.default_limit, window * US, ip_limit, ip_window * US,
+                             ban_seconds * US, float(ban_multiplier))
         self._subject_prefix = f"{key_prefix}:{{k:"
         self._strategy_suffix = f"}}:{self.strategy.suffix}"
-        self._fallback = MemoryStore(self.keys, self.strategy)
+        self._fallback = MemoryStore(self.keys, self.strategy, self.policy)
         self._store: MemoryStore | RedisStore = self._fallback
         self._down = False
         self._probe_delay = PROBE_FIRST_US
@@ -793,7 +817,7 @@ class RateLimiter:
         self._state_lock = threading.Lock()
         if storage_url.startswith("memory://"):
             return
-        self._store = RedisStore(storage_url, self.keys, self.strategy)
+        self._store = RedisStore(storage_url, self.keys, self.strategy, self.policy)
         try:
             self._store.ping()
         except redis.RedisError as exc:
@@ -863,7 +887,7 @@ class RateLimiter:
             self._pending.pop(args[0], None)  # the latest write per key wins, in order
             self._pending[args[0]] = (op, args)
         if op == "check" and self.fail_mode == "open":
-            args[1][2] = ""  # open: no IP counting; meta and flags still come from the fallback store
+            args = (args[0], args[1], "", args[3])  # open: no IP counting; meta and flags from the fallback
         return getattr(self._fallback, op)(*args), True
 
     def health(self) -> str:
@@ -903,17 +927,19 @@ class RateLimiter:
         When the subject's meta is missing nothing is recorded (not even the IP hit): the
         caller loads tier/blocked from the database, calls ``set_meta`` and calls again.
         """
-        now = self._now()
-        win = self.window * US
+        now = round(self._clock() * US)
         keys = self.keys.check_keys(ip, subject, self.strategy.suffix, flags)
-        args = [now, _nonce(), ip or "", self.ip_limit, self.ip_window * US, self.ban_seconds * US,
-                self.ban_multiplier, MAX_BAN_US, "1" if subject is not None else "0", win, self.default_limit,
-                *self._tier_args]
-        raw, degraded = self._exec("check", keys, args)
-        return self._decision(raw, now, ip, win, flags, degraded and self.fail_mode == "open")
+        has_subject = subject is not None
+        if not self._down:  # fast path, as in _limit
+            try:
+                return self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
+            except redis.RedisError as exc:
+                self._mark_down(exc, now)
+        raw, degraded = self._exec("check", keys, now, ip or "", has_subject)
+        return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
 
-    def _decision(self, raw: list, now: int, ip: str | None, win: int, flags: Sequence[str],
-                  opened: bool) -> RequestDecision:
+    def _decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], opened: bool) -> RequestDecision:
+        win = self.policy.window
         ip_code, until, bans, meta_code, tier, blocked, allowed, a, b, c, limit = raw[:11]
         flag_map = {name: bool(v) for name, v in zip(flags, raw[11:], strict=True)}
         ip_decision = None
