@@ -511,11 +511,11 @@ def register() -> tuple[Response, int]:
     body = json_body()
     username, password = credentials(body)
     email = str_field(body, "email", required=False, max_len=254)
-    if not USERNAME_RE.match(username):
+    if not USERNAME_RE.fullmatch(username):  # fullmatch: "$" alone would let a trailing newline through
         raise bad_request("username", "'username' must be 3-64 characters of letters, digits, '_', '.' or '-'")
     if len(password) < 8:
         raise bad_request("password", "'password' must be at least 8 characters")
-    if email is not None and not EMAIL_RE.match(email):
+    if email is not None and not EMAIL_RE.fullmatch(email):
         raise bad_request("email", "'email' is not a valid e-mail address")
     throttle(svc, f"reg:{g.client_ip}", svc.config.register_per_ip_per_hour, 3600, "too_many_registrations",
              "Too many accounts registered from this address; try again later")
@@ -646,7 +646,7 @@ def create_api_key() -> tuple[Response, int]:
                    message="Store this key now: it is shown only once"), 201
 
 
-@auth_bp.delete("/api_keys/<int:key_id>")
+@auth_bp.delete("/api_keys/<int(max=2147483647):key_id>")
 @auth.jwt_required
 def revoke_own_key(key_id: int) -> Response:
     svc = services()
@@ -768,8 +768,8 @@ def find_user(conn: sa.Connection, body: dict[str, Any]) -> Any:
     user_id = body.get("user_id")
     username = body.get("username")
     if user_id is not None:
-        if not isinstance(user_id, int) or isinstance(user_id, bool):
-            raise bad_request("user_id", "'user_id' must be an integer")
+        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 1 <= user_id <= 2**31 - 1:
+            raise bad_request("user_id", "'user_id' must be an integer between 1 and 2147483647")
         row = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
     elif username is not None:
         if not isinstance(username, str):
@@ -789,8 +789,8 @@ def find_key(conn: sa.Connection, body: dict[str, Any]) -> Any:
         condition = c.key_hash == auth.hash_api_key(raw)
     elif body.get("key_id") is not None:
         key_id = body["key_id"]
-        if not isinstance(key_id, int) or isinstance(key_id, bool):
-            raise bad_request("key_id", "'key_id' must be an integer")
+        if not isinstance(key_id, int) or isinstance(key_id, bool) or not 1 <= key_id <= 2**31 - 1:
+            raise bad_request("key_id", "'key_id' must be an integer between 1 and 2147483647")
         condition = c.id == key_id
     elif body.get("prefix") is not None:
         condition = c.prefix == str_field(body, "prefix", max_len=32)
@@ -963,10 +963,10 @@ def parse_since(raw: str | None) -> dt.datetime | None:
         return None
     try:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        if value.tzinfo is not None:  # year 1 or 9999 with an offset overflows here
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         raise bad_request("since", "'since' must be an ISO 8601 timestamp, e.g. 2026-12-01T10:00:00Z") from None
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
 
 
