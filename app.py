@@ -721,9 +721,12 @@ def usage() -> Response:
                    reset_epoch=epoch_ceil(result.reset), totals=totals)
 
 
-@sdk_bp.get("/sdk.js")
-def sdk_js() -> Response:
-    response = send_from_directory(current_app.static_folder, "ratelimiter-sdk.js",
+@sdk_bp.get("/sdk.js", defaults={"filename": "ratelimiter-sdk.js"})
+@sdk_bp.get("/sdk.mjs", defaults={"filename": "ratelimiter-sdk.mjs"})
+def sdk_js(filename: str) -> Response:
+    """The SDK as a classic script (/sdk.js) and its ES-module wrapper (/sdk.mjs); one endpoint, so
+    both stay exempt from the per-IP limit and the request log."""
+    response = send_from_directory(current_app.static_folder, filename,
                                    mimetype="application/javascript", max_age=SDK_CACHE_SECONDS)
     response.headers["Access-Control-Allow-Origin"] = "*"
     return response
