@@ -1201,8 +1201,7 @@ def run_flusher(svc: Services) -> None:
 # --- factory -----------------------------------------------------------------------------------
 
 def build_services(config: Config, clock: Callable[[], float]) -> Services:
-    engine = db.make_engine(config.database_url)
-    db.migrate(engine)
+    engine = db.open_database(config.database_url)
     limiter = RateLimiter(
         config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
         ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
@@ -1338,7 +1337,8 @@ def __getattr__(name: str) -> Any:
                 _lazy_app = create_app()
             except (ConfigError, db.DatabaseError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
+                # 3 is gunicorn's "worker failed to boot": the arbiter stops instead of respawning.
+                raise SystemExit(3) from None
     return _lazy_app
 
 

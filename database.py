@@ -237,13 +237,26 @@ def make_engine(url: str) -> Engine:
             pool_recycle=1800,
             connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
         )
-    except (ImportError, sa.exc.NoSuchModuleError) as exc:
-        raise DatabaseError(f"no driver for {parsed.get_backend_name()}: {exc}") from None
+    except (ImportError, sa.exc.NoSuchModuleError):
+        raise DatabaseError(
+            f"DATABASE_URL names a database driver this service cannot load: {parsed.drivername!r}"
+        ) from None
 
 
-def after_fork(engine: Engine) -> None:
-    """Drop pooled connections inherited from a parent process (gunicorn preload)."""
-    engine.dispose(close=False)
+def open_database(url: str) -> Engine:
+    """Engine for ``url`` with migrations applied; any failure becomes a one-line DatabaseError."""
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise DatabaseError(f"cannot open the database at {_describe(url)}: {first[0] if first else exc}") from None
+    # A forked child (gunicorn --preload) must not reuse the parent's pooled sockets.
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    return engine
+
+
 
 
 # --- checks ----------------------------------------------------------------------------

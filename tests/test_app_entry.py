@@ -1,0 +1,126 @@
+"""Entry points: `python app.py`, `gunicorn app:app`, config errors, busy port, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.services import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "entry-point-test-secret-0123456789abcdef"
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "ADMIN_", "FLASK_", "REDIS_", "DATABASE_"))}
+    env.update(DB_PATH=str(tmp_path / "entry.db"), LOG_DIR=str(tmp_path / "logs"), BCRYPT_ROUNDS="4",
+               ENABLE_SOCKETIO="false")
+    env.update(extra)
+    return env
+
+
+def run_app(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=tmp_path, env=base_env(tmp_path, **env),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLASK_ENV": "production", "ADMIN_TOKEN": "x"}, "JWT_SECRET_KEY must be set to at least 32 bytes"),
+    ({"FLASK_ENV": "production", "JWT_SECRET_KEY": "short", "ADMIN_TOKEN": "x"}, "at least 32 bytes"),
+    ({"FLASK_ENV": "production", "JWT_SECRET_KEY": SECRET}, "ADMIN_TOKEN must be set"),
+    ({"RATELIMIT_STRATEGY": "leaky"}, "RATELIMIT_STRATEGY must be one of"),
+    ({"RATELIMIT_FAIL_MODE": "maybe"}, "RATELIMIT_FAIL_MODE must be one of"),
+    ({"IP_RATE_LIMIT": "lots"}, "IP_RATE_LIMIT must be an integer"),
+    ({"TIER_LIMITS": "gold=5"}, "TIER_LIMITS entry"),
+    ({"REDIS_URL": "http://nope"}, "REDIS_URL must start with"),
+    ({"ENABLE_SOCKETIO": "perhaps"}, "boolean"),
+    ({"DATABASE_URL": "nonsense://"}, "DATABASE_URL names a database driver"),
+    ({"DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/none"}, "cannot open the database"),
+    ({"DB_PATH": "/nonexistent-dir/x.db"}, "directory for DB_PATH does not exist"),
+])
+def test_bad_configuration_gives_one_line_and_exit_2(tmp_path, env, message):
+    result = run_app(tmp_path, **env)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_production_refuses_several_workers_without_redis(tmp_path):
+    result = run_app(tmp_path, FLASK_ENV="production", JWT_SECRET_KEY=SECRET, ADMIN_TOKEN="t", WEB_CONCURRENCY="4")
+    assert result.returncode == 2 and "needs REDIS_URL" in result.stderr
+
+
+def test_importing_app_does_no_io(tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import app"],
+                            cwd=tmp_path, env=base_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "entry.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_busy_port_gives_one_clear_line(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = run_app(tmp_path, "--port", str(port))
+    assert result.returncode == 1
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise AssertionError("the API did not become healthy")
+
+
+def test_python_app_serves_and_flushes_on_sigterm(tmp_path):
+    port = free_port()
+    env = base_env(tmp_path, JWT_SECRET_KEY=SECRET, ADMIN_TOKEN="entry-admin", ANALYTICS_FLUSH_SECONDS="3600")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, proc)
+        token = requests.post(f"{url}/auth/register", json={"username": "entry", "password": "password123"},
+                              timeout=10).json()["access_token"]
+        key = requests.post(f"{url}/auth/create_api_key", json={}, headers={"Authorization": f"Bearer {token}"},
+                            timeout=10).json()["api_key"]
+        assert requests.get(f"{url}/data", headers={"X-API-Key": key}, timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, proc.stderr.read()
+    # the usage counted in memory (flush interval 1 h) was written on shutdown
+    import sqlalchemy as sa
+
+    import database as db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'entry.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.sum(db.usage_counters.c.allowed))).scalar_one() == 1
+    engine.dispose()
+
+
+def test_gunicorn_with_bad_config_stops_instead_of_respawning(tmp_path):
+    env = base_env(tmp_path, FLASK_ENV="production", ADMIN_TOKEN="x")
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{free_port()}", "app:app"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "error: JWT_SECRET_KEY must be set" in result.stderr
+    assert result.stderr.count("error: JWT_SECRET_KEY") == 1
