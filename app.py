@@ -177,6 +177,10 @@ class Services:
     flusher: threading.Thread | None = None
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
+    def now(self) -> dt.datetime:
+        """The injected clock as a naive UTC datetime, the form usage buckets are stored in."""
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
+
     def close(self) -> None:
         """Flush analytics and logs, stop background threads; safe to call twice."""
         if self.stopping.is_set():
@@ -714,7 +718,7 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
 def usage() -> Response:
     svc = services()
     record, result, tier = peek_key(svc, api_key_from_request())
-    today = dt.datetime.combine(db.utcnow().date(), dt.time())
+    today = dt.datetime.combine(svc.now().date(), dt.time())
     totals = svc.usage.totals(f"k:{record.id}", today)
     return jsonify(key_prefix=record.prefix, tier=tier, limit=result.limit, used=result.limit - result.remaining,
                    remaining=result.remaining, window_seconds=svc.config.window_seconds,
@@ -1049,7 +1053,7 @@ def api_metrics() -> Response:
 def active_subjects(svc: Services) -> int:
     """API keys with at least one request in the current window, across all workers."""
     svc.usage.flush()
-    since = db.utcnow() - dt.timedelta(seconds=svc.config.window_seconds)
+    since = svc.now() - dt.timedelta(seconds=svc.config.window_seconds)
     c = db.usage_counters.c
     with svc.engine.connect() as conn:
         return conn.execute(
@@ -1076,8 +1080,7 @@ def api_analytics() -> Response:
     minutes = int_arg("minutes", 60, maximum=24 * 60)
     svc.usage.flush()
     # The usage buckets are stamped with the app's clock, so the window must be measured by it too.
-    now = dt.datetime.fromtimestamp(svc.clock(), dt.UTC).replace(tzinfo=None)
-    since = (now - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
+    since = (svc.now() - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
     c = db.usage_counters.c
     with svc.engine.connect() as conn:
         series = conn.execute(
