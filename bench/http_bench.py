@@ -139,7 +139,7 @@ def main() -> int:
         wait_up(f"http://127.0.0.1:{ports[name]}", procs[name], path="/data")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
     try:
-        for name, port in ports.items():  # warm-up: connections, script loads, caches
+        for port in ports.values():  # warm-up: connections, script loads, caches
             run_wrk(f"http://127.0.0.1:{port}", keys, args.connections, 2, script)
         for _ in range(args.rounds):
             for name, port in ports.items():
