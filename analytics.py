@@ -91,8 +91,7 @@ class UsageRecorder:
             for (subject, bucket), e in pending.items()
         ]
         try:
-            db.add_usage(self._engine, rows)
-            db.touch_keys(self._engine, last_used)
+            db.add_usage(self._engine, rows, last_used)
         except Exception as exc:  # the database may be restarting: keep the counts, retry later
             self.flush_failures += 1
             log.warning("usage flush failed, will retry: %s", str(exc).splitlines()[0] if str(exc) else exc)

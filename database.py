@@ -397,38 +397,35 @@ def _upsert(conn: Connection):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(usage_counters)
 
 
-def add_usage(engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
-    """Add allowed/limited counts per (subject, minute bucket) in one transaction."""
-    if not rows:
+def add_usage(engine: Engine, rows: Sequence[dict[str, Any]], last_used: dict[int, dt.datetime] | None = None) -> None:
+    """Add allowed/limited counts per (subject, minute bucket) and record keys' last use,
+    all in one transaction, so a failed flush can be retried whole without double counting."""
+    if not rows and not last_used:
         return
     with engine.begin() as conn:
-        stmt = _upsert(conn)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[usage_counters.c.subject, usage_counters.c.bucket_start],
-            set_={
-                "allowed": usage_counters.c.allowed + stmt.excluded.allowed,
-                "limited": usage_counters.c.limited + stmt.excluded.limited,
-                "tier": stmt.excluded.tier,
-            },
-        )
-        conn.execute(stmt, list(rows))
+        if rows:
+            stmt = _upsert(conn)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[usage_counters.c.subject, usage_counters.c.bucket_start],
+                set_={
+                    "allowed": usage_counters.c.allowed + stmt.excluded.allowed,
+                    "limited": usage_counters.c.limited + stmt.excluded.limited,
+                    "tier": stmt.excluded.tier,
+                },
+            )
+            conn.execute(stmt, list(rows))
+        if last_used:
+            conn.execute(
+                api_keys.update().where(api_keys.c.id == sa.bindparam("kid"))
+                .values(last_used_at=sa.bindparam("ts")),
+                [{"kid": kid, "ts": ts} for kid, ts in last_used.items()],
+            )
 
 
 def add_request_logs(engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
         with engine.begin() as conn:
             conn.execute(request_logs.insert(), list(rows))
-
-
-def touch_keys(engine: Engine, last_used: dict[int, dt.datetime]) -> None:
-    """Record last use per key id (batched: one UPDATE per key per flush, not per request)."""
-    if not last_used:
-        return
-    with engine.begin() as conn:
-        conn.execute(
-            api_keys.update().where(api_keys.c.id == sa.bindparam("kid")).values(last_used_at=sa.bindparam("ts")),
-            [{"kid": kid, "ts": ts} for kid, ts in last_used.items()],
-        )
 
 
 def add_audit(conn: Connection, actor: str, action: str, target: str, details: dict[str, Any]) -> None:

@@ -135,8 +135,9 @@ def test_setup_postgress_sql_matches_metadata():
         drop()
 
 
-def _write_usage(url: str, worker: int, count: int) -> None:
+def _write_usage(url: str, worker: int, count: int, start) -> None:
     engine = db.make_engine(url)
+    start.wait(60)  # every process writes at the same moment
     bucket = dt.datetime(2026, 12, 1, 10, 0)
     for i in range(count):
         db.add_usage(engine, [{"subject": f"k:{i % 5}", "bucket_start": bucket, "key_id": i % 5, "user_id": 1,
@@ -144,20 +145,22 @@ def _write_usage(url: str, worker: int, count: int) -> None:
     engine.dispose()
 
 
-def test_sqlite_survives_concurrent_writers_from_several_processes(tmp_path):
+def test_sqlite_takes_4_processes_x_250_concurrent_writes_with_exact_totals(tmp_path):
     url = f"sqlite:///{tmp_path / 'concurrent.db'}"
     engine = db.make_engine(url)
     db.migrate(engine)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_usage, args=(url, n, 100)) for n in range(4)]
+    start = ctx.Event()
+    procs = [ctx.Process(target=_write_usage, args=(url, n, 250, start)) for n in range(4)]
     for proc in procs:
         proc.start()
+    start.set()
     for proc in procs:
         proc.join(120)
         assert proc.exitcode == 0
     with engine.connect() as conn:
         total = conn.execute(sa.select(sa.func.sum(db.usage_counters.c.allowed))).scalar_one()
-    assert total == 400
+    assert total == 1000
     engine.dispose()
 
 
