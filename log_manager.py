@@ -132,8 +132,13 @@ def _ensure_dir(log_dir: str) -> str:
     return log_dir
 
 
-def _rotating_handler(path: str, max_bytes: int, backup_count: int) -> logging.handlers.RotatingFileHandler:
+def _rotating_handler(path: str, max_bytes: int, backup_count: int, shared: bool = False) -> logging.Handler:
+    """A size-rotated file handler; with ``shared`` (several worker processes append to the same
+    file) a WatchedFileHandler instead, because in-process rotation is not safe across processes:
+    rotate such files with logrotate, and the handler reopens them."""
     try:
+        if shared:
+            return logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         return logging.handlers.RotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
         )
@@ -152,7 +157,8 @@ def configure_logging(config: Config) -> None:
     if not isinstance(level, int):
         raise LogSetupError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {config.log_level!r}")
     log_dir = _ensure_dir(config.log_dir)
-    file_handler = _rotating_handler(os.path.join(log_dir, APP_LOG_NAME), config.log_max_bytes, config.log_backup_count)
+    file_handler = _rotating_handler(os.path.join(log_dir, APP_LOG_NAME), config.log_max_bytes,
+                                     config.log_backup_count, shared=config.web_concurrency > 1)
     formatter = JsonFormatter()
     handlers: list[logging.Handler] = [_StderrHandler(), file_handler]
     root = logging.getLogger()
@@ -308,11 +314,12 @@ class RequestLogger:
         *,
         interval: float = 0.25,
         max_queue: int = 100_000,
+        shared: bool = False,
     ) -> None:
         self.log_dir = _ensure_dir(log_dir)
         self.path = os.path.join(log_dir, REQUEST_LOG_NAME)
         self.retention_days = retention_days
-        self._handler = _rotating_handler(self.path, max_bytes, backup_count)
+        self._handler = _rotating_handler(self.path, max_bytes, backup_count, shared)
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._writer = BatchWriter(
             self._write, interval=interval, max_queue=max_queue, max_retries=0, name="request-log"
@@ -321,7 +328,8 @@ class RequestLogger:
     @classmethod
     def from_config(cls, config: Config) -> RequestLogger:
         """Build the request logger the settings describe."""
-        return cls(config.log_dir, config.log_max_bytes, config.log_backup_count, config.log_retention_days)
+        return cls(config.log_dir, config.log_max_bytes, config.log_backup_count, config.log_retention_days,
+                   shared=config.web_concurrency > 1)
 
     def log(self, record: dict[str, Any]) -> bool:
         """Queue one request record; the standard fields default to None. False if the queue is full."""
