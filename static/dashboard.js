@@ -546,6 +546,11 @@
     return el('span', { className: 'pill pill-ok', text: 'active' });
   }
 
+  function labelled(node, label) {
+    node.setAttribute('aria-label', label);
+    return node;
+  }
+
   function actionButton(label, className, handler) {
     const button = el('button', { text: label, className, attrs: { type: 'button' } });
     button.addEventListener('click', () => handler(button));
@@ -617,12 +622,12 @@
       el('td', {}, [el('code', { text: ban.ip })]),
       cell(fmtDateTime(new Date(ban.expires_epoch * 1000).toISOString()), 'when'),
       cell(ban.ban_count, 'num'),
-      el('td', {}, [actionButton('Unban', 'secondary small', async (button) => {
+      el('td', {}, [labelled(actionButton('Unban', 'secondary small', async (button) => {
         button.disabled = true;
         const result = await adminCall('Unban IP', '/admin/unban_ip', { method: 'POST', body: { ip: ban.ip } });
         if (result) showMessage(`${result.ban.ip} is no longer banned.`, 'ok');
         await Promise.all([loadBans(), loadAudit()]);
-      })]),
+      }), `Unban ${ban.ip}`)]),
     ])));
   }
 

@@ -273,3 +273,52 @@ def test_screenshot_with_traffic_and_admin_panel(live_server, page):
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     assert_no_errors(page)
 
+
+
+def test_users_are_paginated(live_server, page):
+    server = live_server()
+    names = [user_with_key(server.url)[0]["user"]["username"] for _ in range(12)]
+    open_dashboard(page, server)
+    sign_in(page)
+    expect(page.locator("#users-page")).to_have_text("page 1 of 2 · 12 users", timeout=WAIT_MS)
+    expect(page.locator("#users tr")).to_have_count(10)
+    expect(page.locator("#users-prev")).to_be_disabled()
+    page.locator("#users-next").click()
+    expect(page.locator("#users-page")).to_contain_text("page 2 of 2", timeout=WAIT_MS)
+    expect(page.locator("#users td.username")).to_have_text(names[10:])
+    expect(page.locator("#users-next")).to_be_disabled()
+    assert_no_errors(page)
+
+
+def test_revoke_takes_a_second_click_and_kills_the_key(live_server, page):
+    server = live_server()
+    _, key = user_with_key(server.url)
+    open_dashboard(page, server)
+    sign_in(page)
+    revoke = page.get_by_role("button", name=f"Revoke key {key['prefix']}")
+    revoke.click()
+    expect(revoke).to_have_text("Confirm revoke")
+    assert call_data(server.url, key["api_key"], 1) == [200]
+    revoke.click()
+    key_row = page.locator(f'#keys tr[data-key-id="{key["id"]}"]')
+    expect(key_row).to_contain_text("revoked", timeout=WAIT_MS)
+    assert call_data(server.url, key["api_key"], 1) == [401]
+    expect(page.locator("#audit tr[data-action=revoke_key]")).to_contain_text(f"key:{key['prefix']}")
+    assert_no_errors(page)
+
+
+def test_unban_lifts_an_ip_ban(live_server, page):
+    server = live_server()
+    response = requests.post(f"{server.url}/admin/ban_ip", json={"ip": "198.51.100.23", "seconds": 900},
+                             headers=ADMIN, timeout=10)
+    assert response.status_code == 200
+    open_dashboard(page, server)
+    sign_in(page)
+    ban_row = page.locator("#bans tr", has_text="198.51.100.23")
+    expect(ban_row).to_have_count(1, timeout=WAIT_MS)
+    ban_row.get_by_role("button", name="Unban").click()
+    expect(page.locator("#message")).to_contain_text("198.51.100.23 is no longer banned", timeout=WAIT_MS)
+    expect(ban_row).to_have_count(0)
+    assert requests.get(f"{server.url}/admin/bans", headers=ADMIN, timeout=10).json()["bans"] == []
+    expect(page.locator("#audit tr[data-action=unban_ip]")).to_contain_text("ip:198.51.100.23")
+    assert_no_errors(page)
