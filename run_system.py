@@ -326,7 +326,8 @@ def check_plan(plan: Plan, skip_db: bool) -> list[str]:
         return problems
     if plan.cert_dir is not None and not os.access(nearest_existing(plan.cert_dir), os.W_OK):
         problems.append(f"certificate directory {plan.cert_dir} is not writable: pass --cert-dir DIR")
-    if plan.redis_url and (problem := redis_problem(plan.redis_url)):
+    starts_redis = any(component.name == "redis" for component in plan.components)
+    if plan.redis_url and not starts_redis and (problem := redis_problem(plan.redis_url)):
         problems.append(problem)
     if not skip_db and (problem := database_problem(plan.database_url, plan.db_path)):
         problems.append(problem)
