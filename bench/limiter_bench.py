@@ -1,0 +1,174 @@
+"""Decisions per second of limiter.py next to the ``limits`` library, on the same workload, in one run.
+
+Workload: subjects in round robin, limit 100 per 60 s, each subject hit 200 times per run (half admitted,
+half refused). Every run starts from empty state (fresh key prefixes); runs of all contenders are
+interleaved and repeated, and the median is reported. Also measured: the PING rate of one redis-py
+connection, and our Redis path as a percentage of it.
+
+    /work/venv/bin/python bench/limiter_bench.py [--redis-url URL] [--repeat 5] [--memory-n 200000] [--redis-n 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage, RedisStorage
+from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from limiter import STRATEGIES, RateLimiter  # noqa: E402
+
+LIMIT = 100
+TIERS = {"free": LIMIT}
+LIVE: list[RateLimiter] = []  # our limiters of the current case, checked for a Redis outage afterwards
+LIMITS_STRATEGIES = {
+    "moving_window": MovingWindowRateLimiter,
+    "sliding_window_counter": SlidingWindowCounterRateLimiter,
+    "fixed_window": FixedWindowRateLimiter,
+}
+
+
+def timed(decide: Callable[[str], object], subjects: list[str], n: int) -> float:
+    """Decisions per second of ``decide`` over n round-robin subjects."""
+    count = len(subjects)
+    start = time.perf_counter()
+    for i in range(n):
+        decide(subjects[i % count])
+    return n / (time.perf_counter() - start)
+
+
+def ours(url: str, strategy: str, prefixes: list[str]) -> Callable[[], Callable[[str], object]]:
+    def setup() -> Callable[[str], object]:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        prefixes.append(prefix)
+        limiter = RateLimiter(url, strategy, tier_limits=TIERS, key_prefix=prefix)
+        LIVE.append(limiter)
+        return lambda subject: limiter.hit(subject, LIMIT)
+
+    return setup
+
+
+def ours_check_request(url: str, prefixes: list[str], subjects: list[str]) -> Callable[[], Callable[[str], object]]:
+    """The full hot path: IP ban check and count, meta read, subject hit; one client IP per subject."""
+
+    def setup() -> Callable[[str], object]:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        prefixes.append(prefix)
+        limiter = RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9)
+        LIVE.append(limiter)
+        for subject in subjects:
+            limiter.set_meta(subject, tier="free", blocked=False)
+        return lambda subject: limiter.check_request("ip-" + subject, subject)
+
+    return setup
+
+
+def theirs(url: str, strategy: str, prefixes: list[str]) -> Callable[[], Callable[[str], object]]:
+    item = RateLimitItemPerMinute(LIMIT)
+
+    def setup() -> Callable[[str], object]:
+        if url == "memory://":
+            storage = MemoryStorage()
+        else:
+            prefix = f"benchlimits{uuid.uuid4().hex[:8]}"
+            prefixes.append(prefix)
+            storage = RedisStorage(url, key_prefix=prefix)
+        limiter = LIMITS_STRATEGIES[strategy](storage)
+        return lambda subject: limiter.hit(item, subject)
+
+    return setup
+
+
+def measure(setup: Callable[[], Callable[[str], object]], subjects: list[str], n: int, client: redis.Redis) -> float:
+    """One timed run; repeated when Redis went away meanwhile (other test suites restart the shared server)."""
+    for _ in range(10):
+        try:
+            rate = timed(setup(), subjects, n)
+            outage = any(limiter.health() != "ok" for limiter in LIVE)
+        except redis.ConnectionError:
+            outage = True
+        for limiter in LIVE:
+            limiter.close()
+        LIVE.clear()
+        if not outage:
+            return rate
+        print("Redis was unreachable during a run (that run measured the fallback); measuring again", file=sys.stderr)
+        wait_for_redis(client)
+    raise SystemExit("Redis kept going away; no trustworthy numbers")
+
+
+def wait_for_redis(client: redis.Redis) -> None:
+    for _ in range(200):
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+
+
+def cleanup(url: str, prefixes: list[str]) -> None:
+    client = redis.Redis.from_url(url)
+    wait_for_redis(client)
+    for prefix in prefixes:
+        keys = list(client.scan_iter(match=prefix + ":*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i:i + 1000])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--memory-n", type=int, default=200_000)
+    parser.add_argument("--redis-n", type=int, default=20_000)
+    args = parser.parse_args()
+
+    prefixes: list[str] = []
+    cases: list[tuple[str, str, int, Callable]] = []  # (store, name, n, setup)
+    for store, url, n in (("memory", "memory://", args.memory_n), ("redis", args.redis_url, args.redis_n)):
+        subjects = [f"s{i}" for i in range(max(1, n // (2 * LIMIT)))]
+        for strategy in STRATEGIES:
+            cases.append((store, f"ours {strategy}", n, ours(url, strategy, prefixes)))
+        cases.append((store, "ours check_request", n, ours_check_request(url, prefixes, subjects)))
+        for strategy in LIMITS_STRATEGIES:
+            cases.append((store, f"limits {strategy}", n, theirs(url, strategy, prefixes)))
+
+    client = redis.Redis.from_url(args.redis_url, socket_timeout=1)
+    rates: dict[tuple[str, str], list[float]] = {}
+    try:
+        for _ in range(args.repeat):
+            for store, name, n, setup in cases:
+                subjects = [f"s{i}" for i in range(max(1, n // (2 * LIMIT)))]
+                rates.setdefault((store, name), []).append(measure(setup, subjects, n, client))
+            rates.setdefault(("redis", "PING (one redis-py connection)"), []).append(
+                measure(lambda: lambda _: client.ping(), ["x"], args.redis_n, client))
+    finally:
+        cleanup(args.redis_url, prefixes)
+
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    ping = median[("redis", "PING (one redis-py connection)")]
+    print(f"# limiter bench: median of {args.repeat} interleaved runs, limit {LIMIT}/60 s, 50% admitted")
+    print("| store | contender | decisions/s | vs limits moving_window | vs PING |")
+    print("|---|---|---:|---:|---:|")
+    for (store, name), rate in median.items():
+        mw = median[(store, "limits moving_window")]
+        vs_ping = f"{100 * rate / ping:.0f}%" if store == "redis" else ""
+        print(f"| {store} | {name} | {rate:,.0f} | {rate / mw:.2f}x | {vs_ping} |")
+    for store in ("memory", "redis"):
+        ratio = median[(store, "ours sliding_window")] / median[(store, "limits moving_window")]
+        print(f"target {store}: ours sliding_window / limits moving_window = {ratio:.2f}x (>= 2x: {ratio >= 2})")
+    share = median[("redis", "ours sliding_window")] / ping
+    print(f"target redis: ours sliding_window = {100 * share:.0f}% of PING (>= 60%: {share >= 0.6})")
+
+
+if __name__ == "__main__":
+    main()
