@@ -1,0 +1,187 @@
+"""Fuzz the API against its own OpenAPI document, and its JSON body parsers with arbitrary input.
+
+schemathesis (pinned 4.32.5) generates valid and invalid requests for every documented operation
+from ``/openapi.json`` and calls the app through WSGI with real user, API key and admin
+credentials. Each response must not be a 5xx, must have a documented status, content type and
+headers, and must match its documented schema. A second, Hypothesis-only test throws arbitrary
+bytes and JSON values at every POST route: never a 5xx, always the error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import schemathesis
+from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+import openapi
+from tests.conftest import ADMIN_TOKEN, PASSWORD
+
+pytestmark = pytest.mark.slow
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+MAX_EXAMPLES = 30
+FUZZ_CONFIG = dict(
+    ip_rate_limit=1_000_000,  # the fuzzer must not ban itself; bans are covered in test_openapi
+    register_per_ip_per_hour=1_000_000,
+    login_failures_per_ip=1_000_000,
+    abuse_auto_ban=False,
+)
+
+
+class Credentials:
+    """A user, an access token and an API key that stay usable while the fuzzer revokes, blocks and
+    logs out: each is checked before use and replaced when the last case spent it."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.client = app.test_client()
+        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        self.users = 0
+        self.username = self.token = self.key = ""
+        self._new_user()
+
+    def _new_user(self) -> None:
+        self.users += 1
+        self.username = f"fuzzer_{self.users}"
+        body = self.client.post("/auth/register", json={"username": self.username, "password": PASSWORD}).get_json()
+        self.token = body["access_token"]
+        self.client.post("/admin/upgrade_tier", json={"user_id": body["user"]["id"], "tier": "enterprise"},
+                         headers=self.admin)
+        self.key = self.client.post("/auth/create_api_key", json={"name": "fuzz"},
+                                    headers=self.bearer).get_json()["api_key"]
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def fresh_token(self) -> dict[str, str]:
+        """A new access token, for calls that revoke the one they carry (logout)."""
+        body = self.client.post("/auth/login", json={"username": self.username, "password": PASSWORD}).get_json()
+        return {"Authorization": f"Bearer {body['access_token']}"}
+
+    def ensure_usable(self) -> None:
+        """Replace the user when the fuzzer revoked the token or blocked/revoked the key (or filled it up)."""
+        me = self.client.get("/auth/me", headers=self.bearer)
+        usage = self.client.get("/usage", headers={"X-API-Key": self.key})
+        if me.status_code != 200 or usage.status_code != 200 or len(me.get_json()["api_keys"]) > 20:
+            self._new_user()
+        self.app.extensions["rl"].limiter.unban_ip("127.0.0.1")  # in case a case banned the loopback
+
+    def headers_for(self, auth: str, path: str) -> dict[str, str]:
+        if auth in ("admin", "optional_admin"):
+            return self.admin
+        if path == "/auth/logout":
+            return self.fresh_token()
+        if auth == "jwt":
+            return self.bearer
+        return {}
+
+
+OPERATIONS = [(path, method) for path, methods in openapi.ROUTES.items() for method in methods]
+
+
+def route_of(case: Any) -> dict[str, Any]:
+    return openapi.ROUTES[case.operation.path][case.method.lower()]
+
+
+def with_credentials(case: Any, credentials: Credentials) -> dict[str, str]:
+    """Real credentials for about half the cases, so both the happy path and the refusals are explored."""
+    auth = route_of(case).get("auth", "none")
+    headers = credentials.headers_for(auth, case.operation.path)
+    if auth in ("key", "key_or_jwt"):
+        generated = (case.headers or {}).get("X-API-Key") or (case.query or {}).get("api_key")
+        if not generated or len(str(generated)) % 2 == 0:
+            headers = {"X-API-Key": credentials.key}
+    if auth == "body_key" and isinstance(case.body, dict) and len(str(case.body.get("api_key"))) % 2 == 0:
+        case.body["api_key"] = credentials.key
+    return headers
+
+
+@pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m.upper()} {p}" for p, m in OPERATIONS])
+def test_operation_conforms_to_the_openapi_document(make_app, path, method):
+    """Valid and invalid requests generated from the served document: no 5xx, documented answers only."""
+    application = make_app(use_clock=False, **FUZZ_CONFIG)
+    credentials = Credentials(application)
+    operation = schemathesis.openapi.from_wsgi("/openapi.json", application)[path][method.upper()]
+    cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE)
+
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def check(case: Any) -> None:
+        credentials.ensure_usable()
+        case.call_and_validate(headers=with_credentials(case, credentials), checks=CHECKS)
+
+    check()
+
+
+# --- body parsers ------------------------------------------------------------------------------
+
+POST_ROUTES = sorted(path for path, methods in openapi.ROUTES.items() if "post" in methods)
+json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+                | st.floats(allow_nan=False) | st.text(max_size=30))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+
+
+def field_names(path: str) -> list[str]:
+    body = openapi.BODIES[openapi.ROUTES[path]["post"]["body"]]
+    return sorted(body["properties"])
+
+
+@st.composite
+def raw_bodies(draw: st.DrawFn, path: str) -> bytes:
+    """Arbitrary bytes, any JSON value, or an object of the route's own fields holding any JSON values
+    (lone surrogates and huge integers included), occasionally nested very deep."""
+    kind = draw(st.sampled_from(["bytes", "json", "fields", "fields", "deep"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "deep":
+        depth = draw(st.integers(min_value=100, max_value=30_000))
+        return b"[" * depth + b"]" * draw(st.sampled_from([0, depth]))
+    if kind == "json":
+        value = draw(json_values)
+    else:
+        names = field_names(path)
+        value = draw(st.dictionaries(st.sampled_from(names) | st.text(max_size=8), json_values
+                                     | st.text(alphabet=st.characters(), max_size=20)
+                                     | st.sampled_from(["\ud800", "a\udfff", "x" * 5000]), max_size=len(names) + 1))
+    return json.dumps(value, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_post_bodies_never_cause_a_server_error(make_app, path):
+    application = make_app(use_clock=False, **FUZZ_CONFIG)
+    credentials = Credentials(application)
+    client = application.test_client()
+    route = openapi.ROUTES[path]["post"]
+    documented = {int(status) for status in openapi.build_spec(application, "test")["paths"][path]["post"]["responses"]}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=raw_bodies(path), content_type=st.sampled_from(["application/json", "application/json",
+                                                                "text/plain", "application/merge-patch+json"]))
+    def check(body: bytes, content_type: str) -> None:
+        credentials.ensure_usable()
+        headers = {"Content-Type": content_type, **credentials.headers_for(route.get("auth", "none"), path)}
+        response = client.post(path, data=body, headers=headers)
+        assert response.status_code < 500, (path, body[:200], response.get_data()[:300])
+        assert response.status_code in documented, (path, body[:200], response.status_code, response.get_json())
+        if response.status_code >= 400:
+            payload = response.get_json()
+            assert isinstance(payload.get("error"), str) and isinstance(payload.get("message"), str), payload
+
+    check()
