@@ -414,7 +414,9 @@ def api_component(args: argparse.Namespace, env: dict[str, str], cert_dir: Path 
         tls_args = ["--certfile", cert, "--keyfile", key] if args.workers else ["--ssl-cert", cert, "--ssl-key", key]
     if args.workers:
         argv = [sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--bind", f"{args.host}:{port}"]
-        argv += ["--pythonpath", str(PROJECT_DIR), "--graceful-timeout", "5", *tls_args, "app:app"]
+        # No control socket: its default path ($HOME/.gunicorn/gunicorn.ctl) is shared by every gunicorn.
+        argv += ["--pythonpath", str(PROJECT_DIR), "--graceful-timeout", "5", "--no-control-socket"]
+        argv += [*tls_args, "app:app"]
     else:
         argv = [sys.executable, str(PROJECT_DIR / "app.py"), "--host", args.host, "--port", str(port), *tls_args]
     url = url_for(scheme, args.host, port)
