@@ -46,6 +46,23 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us_per_request: float | None = None  # CPU of the target process(es) per request, immune to noisy neighbours
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of ``pid`` and its descendants (nginx's workers), from /proc."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def free_port() -> int:
@@ -174,35 +191,55 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     load = run_wrk if shutil.which("wrk") and not args.no_wrk else run_client
     backend_port, nginx_port, lb_port = free_port(), free_port(), free_port()
     backend_url = f"http://127.0.0.1:{backend_port}"
-    results = []
     with ExitStack() as stack:
         prefix = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lb-bench-")))
-        stack.enter_context(
+        backend = stack.enter_context(
             running([sys.executable, __file__, "--serve-backend", str(backend_port)], backend_url + "/")
         )
-        targets = {"direct": backend_url + "/"}
+        targets = {"direct": (backend_url + "/", backend.pid)}
         if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
             conf = nginx_config(prefix, nginx_port, backend_port, args.nginx_workers)
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            stack.enter_context(running([nginx, "-p", str(prefix), "-c", str(conf)], f"http://127.0.0.1:{nginx_port}/"))
-            targets["nginx"] = f"http://127.0.0.1:{nginx_port}/"
+            proc = stack.enter_context(
+                running([nginx, "-p", str(prefix), "-c", str(conf)], f"http://127.0.0.1:{nginx_port}/")
+            )
+            targets["nginx"] = (f"http://127.0.0.1:{nginx_port}/", proc.pid)
         else:
             log.warning("nginx is not installed; skipping the nginx comparison")
         lb_cmd = [sys.executable, str(ROOT / "load_balancer.py"), "--port", str(lb_port), "--backends", backend_url]
         env = {**os.environ, "LB_LOG_LEVEL": "WARNING"}
-        stack.enter_context(running([*lb_cmd, *args.lb_arg], f"http://127.0.0.1:{lb_port}/lb/health", env=env))
-        targets["load_balancer"] = f"http://127.0.0.1:{lb_port}/"
-        for target, url in targets.items():
-            results.append(load(target, url, args))
-            log.info("%s: %.0f req/s", target, results[-1].requests_per_s)
-    return results
+        proc = stack.enter_context(running([*lb_cmd, *args.lb_arg], f"http://127.0.0.1:{lb_port}/lb/health", env=env))
+        targets["load_balancer"] = (f"http://127.0.0.1:{lb_port}/", proc.pid)
+        rounds: dict[str, list[Result]] = {name: [] for name in targets}
+        for round_no in range(args.rounds):  # interleaved rounds, so a noisy moment hits every target
+            for target, (url, pid) in targets.items():
+                before = cpu_seconds(pid)
+                result = load(target, url, args)
+                served = result.requests_per_s * args.duration
+                result.cpu_us_per_request = (cpu_seconds(pid) - before) / served * 1e6 if served else None
+                rounds[target].append(result)
+                log.info("round %d %s: %.0f req/s", round_no + 1, target, result.requests_per_s)
+    return [median_result(name, runs) for name, runs in rounds.items()]
+
+
+def median_result(target: str, runs: Sequence[Result]) -> Result:
+    """Per-field median over the rounds."""
+    cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
+    return Result(
+        target,
+        statistics.median(r.requests_per_s for r in runs),
+        statistics.median(r.p50_ms for r in runs),
+        statistics.median(r.p99_ms for r in runs),
+        sum(r.errors for r in runs),
+        statistics.median(cpu) if cpu else None,
+    )
 
 
 def report(results: Sequence[Result], args: argparse.Namespace) -> str:
-    lines = [f"{'target':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
-    lines += [
-        f"{r.target:<14} {r.requests_per_s:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7}" for r in results
-    ]
+    lines = [f"{'target':<14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>11}"]
+    for r in results:
+        cpu = f"{r.cpu_us_per_request:>11.1f}" if r.cpu_us_per_request is not None else f"{'-':>11}"
+        lines.append(f"{r.target:<14} {r.requests_per_s:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} {cpu}")
     by_name = {r.target: r for r in results}
     lb, nginx = by_name.get("load_balancer"), by_name.get("nginx")
     if lb and nginx:
@@ -221,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run [10]")
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections [50]")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads [1]")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported [3]")
     parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes [1]")
     parser.add_argument("--lb-arg", action="append", default=[], help="extra argument for load_balancer.py")
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in client even if wrk exists")
