@@ -126,6 +126,7 @@ class Plan:
     redis_url: str | None
     cert_dir: Path | None
     notes: list[str]
+    migrate_first: bool = False
 
 
 # ---------------------------------------------------------------- addresses and health
@@ -464,6 +465,8 @@ def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
             Component("lb", argv, env, health, [lb_url], [args.lb_port], "--lb-port", after=("backends",))
         )
         scripts["lb"] = PROJECT_DIR / "load_balancer.py"
+    if args.workers > 1:
+        scripts["migrate"] = PROJECT_DIR / "database.py"
     extra = {"gunicorn": "--workers"} if args.workers else {}
     if redis_url:
         extra["redis"] = "REDIS_URL"
@@ -479,6 +482,7 @@ def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         redis_url=redis_url,
         cert_dir=cert_dir,
         notes=notes,
+        migrate_first=args.workers > 1,
     )
 
 
@@ -770,6 +774,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return supervise(plan, args.start_timeout)
 
 
+def migrate_once(env: dict[str, str], timeout: float) -> None:
+    """Apply schema migrations in one process, before several workers boot and race to do it."""
+    argv = [sys.executable, str(PROJECT_DIR / "database.py"), "migrate"]
+    try:
+        result = subprocess.run(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise SetupError(f"database migration did not finish within {timeout:.0f} s") from None
+    lines = result.stdout.decode("utf-8", errors="replace").strip().splitlines()
+    for line in lines:
+        print(f"[migrate] {line}", flush=True)
+    if result.returncode != 0:
+        raise SetupError(f"database migration failed (exit {result.returncode}); last output: {' | '.join(lines[-8:])}")
+
+
 def supervise(plan: Plan, start_timeout: float) -> int:
     """Start everything, print the table, supervise until a signal; always stop every child."""
     supervisor = Supervisor(plan.components, plan.host, start_timeout)
@@ -778,6 +798,8 @@ def supervise(plan: Plan, start_timeout: float) -> int:
     began = time.monotonic()
     try:
         try:
+            if plan.migrate_first:
+                migrate_once(next(c for c in plan.components if c.name == "api").env, start_timeout)
             if not supervisor.start():
                 return 0
         except SetupError as exc:
