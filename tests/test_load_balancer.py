@@ -779,3 +779,37 @@ def test_cli_rejects_a_bad_strategy_in_one_line() -> None:
     )
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and "fastest" in result.stderr
+
+
+@async_test
+async def test_head_keeps_the_backends_content_length_and_sends_no_body(backends: list[str]) -> None:
+    async with running_lb(make_config(backends)) as h, h.client.head(h.url + "/bytes?n=5000") as resp:
+        body = await resp.read()
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "5000"
+    assert body == b""
+
+
+@async_test
+async def test_keep_alive_connections_to_a_backend_are_reused() -> None:
+    connections = 0
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_head(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    async with raw_backend(keep_alive) as url:
+        cfg = make_config([url])
+        cfg.health_check.enabled = False
+        async with running_lb(cfg) as h:
+            statuses = [(await h.get("/"))[0] for _ in range(5)]
+    assert statuses == [204] * 5
+    assert connections == 1
