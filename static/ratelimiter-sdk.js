@@ -175,6 +175,8 @@
     #timeoutMs;
     #listeners = new Map(EVENTS.map((name) => [name, new Set()]));
     #usage = null;
+    #sent = 0; // requests numbered as sent, so a late answer never overwrites a newer one
+    #applied = 0;
 
     constructor(options) {
       this.#baseUrl = requireString(options, 'baseUrl').replace(/\/+$/, '');
@@ -292,13 +294,17 @@
         throw this.#report(err);
       }
       let response;
+      const seq = ++this.#sent;
       try {
         response = await this.#fetch(input, options);
       } catch (err) {
         this.#release();
+        if (err && err.name === 'AbortError') {
+          throw new RateLimiterError('The request was aborted', { code: 'aborted', cause: err }); // the caller's choice
+        }
         throw this.#report(this.#networkError(err, String(input && input.url ? input.url : input)));
       }
-      await this.#afterCall(endpoint, options.method || (input && input.method) || 'GET', response);
+      await this.#afterCall(endpoint, options.method || (input && input.method) || 'GET', response, seq);
       return response;
     }
 
@@ -353,11 +359,11 @@
       if (name) {
         payload.endpoint = String(name).slice(0, MAX_ENDPOINT_LENGTH);
       }
-      const { response, body } = await this.#post('/sdk/check', payload);
+      const { response, body, seq } = await this.#post('/sdk/check', payload);
       if (!response.ok) {
         throw this.#httpError(response, body);
       }
-      this.#updateUsage(body, response.headers);
+      this.#updateUsage(body, response.headers, seq);
       return body;
     }
 
@@ -376,15 +382,15 @@
       if (Number.isInteger(details.status)) {
         payload.status = details.status;
       }
-      const { response, body } = await this.#post('/sdk/track', payload);
+      const { response, body, seq } = await this.#post('/sdk/track', payload);
       if (response.status === 429 && body && body.error === 'rate_limit_exceeded') {
-        this.#updateUsage({ ...body, remaining: 0 }, response.headers);
+        this.#updateUsage({ ...body, remaining: 0 }, response.headers, seq);
         throw this.#limitError(false, body);
       }
       if (!response.ok) {
         throw this.#httpError(response, body);
       }
-      this.#updateUsage(body, response.headers);
+      this.#updateUsage(body, response.headers, seq);
       return body;
     }
 
@@ -412,15 +418,15 @@
       }
     }
 
-    async #afterCall(endpoint, method, response) {
+    async #afterCall(endpoint, method, response, seq) {
       const fromHeaders = usageFromHeaders(response.headers);
       if (response.status === 429) {
-        this.#honourRetryAfter(fromHeaders, response.headers);
+        this.#honourRetryAfter(fromHeaders, response.headers, seq);
         this.#emit('limited', this.#limitedInfo(false));
         return;
       }
       if (fromHeaders) {
-        this.#updateUsage({}, response.headers); // the limiter counted this call itself
+        this.#updateUsage({}, response.headers, seq); // the limiter counted this call itself
         return;
       }
       try {
@@ -430,10 +436,10 @@
       }
     }
 
-    #honourRetryAfter(fromHeaders, headers) {
+    #honourRetryAfter(fromHeaders, headers, seq) {
       const retryAfter = parseRetryAfter(headers.get('Retry-After'));
       if (fromHeaders) {
-        this.#updateUsage({ remaining: 0 }, headers);
+        this.#updateUsage({ remaining: 0 }, headers, seq);
       } else if (this.#usage) {
         this.#usage.remaining = 0;
       }
@@ -463,7 +469,11 @@
     }
 
     /** Merge a response body and its rate-limit headers into the usage record; emit `usage`. */
-    #updateUsage(body, headers) {
+    #updateUsage(body, headers, seq) {
+      if (seq < this.#applied) {
+        return;
+      }
+      this.#applied = seq;
       const previous = this.#usage || {};
       const fromHeaders = usageFromHeaders(headers) || {};
       const limit = firstNumber(body.limit, fromHeaders.limit, previous.limit);
@@ -529,6 +539,7 @@
     /** POST JSON to the API with a timeout; resolves {response, body} or rejects RateLimiterError. */
     async #post(path, payload) {
       const url = this.#baseUrl + path;
+      const seq = ++this.#sent;
       const controller = new AbortController();
       const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
       try {
@@ -539,7 +550,7 @@
           credentials: 'omit',
           signal: controller.signal,
         });
-        return { response, body: await this.#readJson(response, url) };
+        return { response, body: await this.#readJson(response, url), seq };
       } catch (err) {
         throw err instanceof RateLimiterError ? err : this.#networkError(err, url);
       } finally {
