@@ -74,9 +74,12 @@ class FakeClock:
         return self.now
 
 
-def make_config(urls: Sequence[str], weights: Sequence[int] | None = None, **overrides: Any) -> LBConfig:
+def make_config(
+    urls: Sequence[str], weights: Sequence[int] | None = None, checks: bool = True, **overrides: Any
+) -> LBConfig:
+    """Fast health checks (INTERVAL), or none at all when a test drives failures itself."""
     specs = [BackendSpec(u, w) for u, w in zip(urls, weights or [1] * len(urls), strict=True)]
-    health = HealthCheckConfig(interval=INTERVAL, timeout=0.5, rise=2, fall=2)
+    health = HealthCheckConfig(enabled=checks, interval=INTERVAL, timeout=0.5, rise=2, fall=2)
     return LBConfig(backends=specs, health_check=health, **overrides)
 
 
@@ -313,8 +316,8 @@ async def test_killed_backend_is_ejected_and_no_idempotent_request_fails(backend
 async def test_passive_ejection_grows_each_time(backends: list[str]) -> None:
     clock = FakeClock()
     dead = closed_port_url()
-    cfg = make_config([dead, backends[0]], ejection=EjectionConfig(max_failures=2, base_seconds=5, max_seconds=60))
-    cfg.health_check.enabled = False
+    ejection = EjectionConfig(max_failures=2, base_seconds=5, max_seconds=60)
+    cfg = make_config([dead, backends[0]], ejection=ejection, checks=False)
     async with running_lb(cfg, clock=clock) as h:
         target = h.backend(dead)
         durations = []
@@ -330,8 +333,7 @@ async def test_passive_ejection_grows_each_time(backends: list[str]) -> None:
 
 @async_test
 async def test_post_is_retried_when_the_connection_was_refused(backends: list[str]) -> None:
-    cfg = make_config([closed_port_url(), backends[0]])
-    cfg.health_check.enabled = False
+    cfg = make_config([closed_port_url(), backends[0]], checks=False)
     async with running_lb(cfg) as h:
         async with h.client.post(h.url + "/submit", data=b"x" * 1000) as resp:
             body = await resp.json()
@@ -349,8 +351,7 @@ async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 @async_test
 async def test_post_that_reached_a_failing_backend_is_not_retried(backends: list[str]) -> None:
     async with raw_backend(hang_up) as bad:
-        cfg = make_config([bad, backends[0]])
-        cfg.health_check.enabled = False
+        cfg = make_config([bad, backends[0]], checks=False)
         async with running_lb(cfg) as h:
             async with h.client.post(h.url + "/submit", data=b"payload") as resp:
                 body = await resp.json()
@@ -362,8 +363,7 @@ async def test_post_that_reached_a_failing_backend_is_not_retried(backends: list
 @async_test
 async def test_get_to_a_failing_backend_is_retried_on_another(backends: list[str]) -> None:
     async with raw_backend(hang_up) as bad:
-        cfg = make_config([bad, backends[0]])
-        cfg.health_check.enabled = False
+        cfg = make_config([bad, backends[0]], checks=False)
         async with running_lb(cfg) as h:
             assert await h.backend_of("/") == backends[0]
             assert h.backend(bad).failures == 1
@@ -371,8 +371,7 @@ async def test_get_to_a_failing_backend_is_retried_on_another(backends: list[str
 
 @async_test
 async def test_single_dead_backend_gives_502_json() -> None:
-    cfg = make_config([closed_port_url()])
-    cfg.health_check.enabled = False
+    cfg = make_config([closed_port_url()], checks=False)
     async with running_lb(cfg) as h:
         status, _, body = await h.get("/anything")
     assert status == 502
@@ -438,8 +437,7 @@ async def hop_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 @async_test
 async def test_hop_by_hop_response_headers_are_stripped() -> None:
     async with raw_backend(hop_headers) as url:
-        cfg = make_config([url])
-        cfg.health_check.enabled = False
+        cfg = make_config([url], checks=False)
         async with running_lb(cfg) as h:
             status, headers, body = await h.get("/")
     assert status == 200 and body == b"ok"
@@ -462,8 +460,7 @@ async def test_response_is_streamed_chunk_by_chunk() -> None:
         writer.close()
 
     async with raw_backend(slow_chunks) as url:
-        cfg = make_config([url])
-        cfg.health_check.enabled = False
+        cfg = make_config([url], checks=False)
         async with running_lb(cfg) as h, h.client.get(h.url + "/") as resp:
             async with asyncio.timeout(5):
                 first = await resp.content.readany()
@@ -482,8 +479,7 @@ async def test_failure_after_bytes_reached_the_client_is_not_retried(backends: l
         writer.close()
 
     async with raw_backend(truncated) as bad:
-        cfg = make_config([bad, backends[0]])
-        cfg.health_check.enabled = False
+        cfg = make_config([bad, backends[0]], checks=False)
         async with running_lb(cfg) as h:
             with pytest.raises(aiohttp.ClientPayloadError):
                 async with h.client.get(h.url + "/") as resp:
@@ -807,8 +803,7 @@ async def test_keep_alive_connections_to_a_backend_are_reused() -> None:
         writer.close()
 
     async with raw_backend(keep_alive) as url:
-        cfg = make_config([url])
-        cfg.health_check.enabled = False
+        cfg = make_config([url], checks=False)
         async with running_lb(cfg) as h:
             statuses = [(await h.get("/"))[0] for _ in range(5)]
     assert statuses == [204] * 5
