@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -535,6 +536,8 @@ def test_fail_mode_closed_raises_store_unavailable(clock):
 
 
 def test_outage_probe_backs_off_and_recovers_with_pending_writes(clock, tmp_path):
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
     port = free_port()
     rl = RateLimiter(f"redis://127.0.0.1:{port}/0", tier_limits=TIERS, clock=clock, fail_mode="memory")
     rl.set_flag("revoked:during-outage", 3600)
