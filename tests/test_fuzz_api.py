@@ -10,6 +10,8 @@ bytes and JSON values at every POST route: never a 5xx, always the error shape.
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +44,23 @@ FUZZ_CONFIG = dict(
 )
 
 
+@pytest.fixture
+def fuzz_app(make_app, tmp_path: Path):
+    """Factory for an app on a SQLite file in RAM when /dev/shm exists: the fuzzer makes thousands of
+    small commits, and on a virtual disk their fsyncs would take most of the run."""
+    files: list[Path] = []
+
+    def build() -> Flask:
+        folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+        files.append(folder / f"rl-fuzz-{uuid.uuid4().hex}.db")
+        return make_app(use_clock=False, database_url=f"sqlite:///{files[-1]}", **FUZZ_CONFIG)
+
+    yield build
+    for file in files:
+        for leftover in file.parent.glob(f"{file.name}*"):
+            leftover.unlink(missing_ok=True)
+
+
 class Credentials:
     """A user, an access token and an API key that stay usable while the fuzzer revokes, blocks and
     logs out: each is checked before use and replaced when the last case spent it."""
@@ -51,32 +70,32 @@ class Credentials:
         self.client = app.test_client()
         self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         self.users = 0
-        self.username = self.token = self.key = ""
+        self.user: dict[str, Any] = {}
+        self.key: dict[str, Any] = {}
+        self.token = ""
         self._new_user()
 
     def _new_user(self) -> None:
         self.users += 1
-        self.username = f"fuzzer_{self.users}"
-        body = self.client.post("/auth/register", json={"username": self.username, "password": PASSWORD}).get_json()
-        self.token = body["access_token"]
-        self.client.post("/admin/upgrade_tier", json={"user_id": body["user"]["id"], "tier": "enterprise"},
+        body = self.client.post("/auth/register", json={"username": f"fuzzer_{self.users}", "password": PASSWORD})
+        self.user, self.token = body.get_json()["user"], body.get_json()["access_token"]
+        self.client.post("/admin/upgrade_tier", json={"user_id": self.user["id"], "tier": "enterprise"},
                          headers=self.admin)
-        self.key = self.client.post("/auth/create_api_key", json={"name": "fuzz"},
-                                    headers=self.bearer).get_json()["api_key"]
+        self.key = self.client.post("/auth/create_api_key", json={"name": "fuzz"}, headers=self.bearer).get_json()
 
     @property
     def bearer(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def fresh_token(self) -> dict[str, str]:
-        """A new access token, for calls that revoke the one they carry (logout)."""
-        body = self.client.post("/auth/login", json={"username": self.username, "password": PASSWORD}).get_json()
-        return {"Authorization": f"Bearer {body['access_token']}"}
+    def login(self) -> dict[str, Any]:
+        """A new token pair, for calls that spend or revoke what they carry (logout, refresh)."""
+        body = {"username": self.user["username"], "password": PASSWORD}
+        return self.client.post("/auth/login", json=body).get_json()
 
     def ensure_usable(self) -> None:
         """Replace the user when the fuzzer revoked the token or blocked/revoked the key (or filled it up)."""
         me = self.client.get("/auth/me", headers=self.bearer)
-        usage = self.client.get("/usage", headers={"X-API-Key": self.key})
+        usage = self.client.get("/usage", headers={"X-API-Key": self.key["api_key"]})
         if me.status_code != 200 or usage.status_code != 200 or len(me.get_json()["api_keys"]) > 20:
             self._new_user()
         self.app.extensions["rl"].limiter.unban_ip("127.0.0.1")  # in case a case banned the loopback
@@ -85,10 +104,16 @@ class Credentials:
         if auth in ("admin", "optional_admin"):
             return self.admin
         if path == "/auth/logout":
-            return self.fresh_token()
+            return {"Authorization": f"Bearer {self.login()['access_token']}"}
         if auth == "jwt":
             return self.bearer
         return {}
+
+    def real_values(self) -> dict[str, Any]:
+        """Field name -> a value that names something that exists (for bodies and path parameters)."""
+        return {"api_key": self.key["api_key"], "key_id": self.key["id"], "prefix": self.key["prefix"],
+                "user_id": self.user["id"], "username": self.user["username"],
+                "refresh_token": self.login()["refresh_token"]}
 
 
 OPERATIONS = [(path, method) for path, methods in openapi.ROUTES.items() for method in methods]
@@ -98,29 +123,46 @@ def route_of(case: Any) -> dict[str, Any]:
     return openapi.ROUTES[case.operation.path][case.method.lower()]
 
 
+def coin(value: Any) -> bool:
+    """A deterministic coin flip on generated data: heads for about half the cases."""
+    return len(str(value)) % 2 == 0
+
+
 def with_credentials(case: Any, credentials: Credentials) -> dict[str, str]:
-    """Real credentials for about half the cases, so both the happy path and the refusals are explored."""
+    """Real credentials and real ids for about half the cases, so that both the happy path and the
+    refusals are explored; returns the headers to send."""
     auth = route_of(case).get("auth", "none")
     headers = credentials.headers_for(auth, case.operation.path)
     if auth in ("key", "key_or_jwt"):
         generated = (case.headers or {}).get("X-API-Key") or (case.query or {}).get("api_key")
-        if not generated or len(str(generated)) % 2 == 0:
-            headers = {"X-API-Key": credentials.key}
-    if auth == "body_key" and isinstance(case.body, dict) and len(str(case.body.get("api_key"))) % 2 == 0:
-        case.body["api_key"] = credentials.key
+        if not generated or coin(generated):
+            headers = {"X-API-Key": credentials.key["api_key"]}
+    if isinstance(case.body, dict) and case.operation.path != "/auth/register":
+        real = credentials.real_values() if set(case.body) & {"api_key", "key_id", "prefix", "user_id",
+                                                              "username", "refresh_token"} else {}
+        for name in set(case.body) & set(real):
+            if coin(case.body[name]):
+                case.body[name] = real[name]
+    if case.path_parameters and coin(case.path_parameters.get("key_id")):
+        case.path_parameters["key_id"] = credentials.key["id"]
     return headers
 
 
 @pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m.upper()} {p}" for p, m in OPERATIONS])
-def test_operation_conforms_to_the_openapi_document(make_app, path, method):
+def test_operation_conforms_to_the_openapi_document(fuzz_app, path, method):
     """Valid and invalid requests generated from the served document: no 5xx, documented answers only."""
-    application = make_app(use_clock=False, **FUZZ_CONFIG)
+    application = fuzz_app()
     credentials = Credentials(application)
     operation = schemathesis.openapi.from_wsgi("/openapi.json", application)[path][method.upper()]
     cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE)
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=cases)
     def check(case: Any) -> None:
         credentials.ensure_usable()
@@ -132,10 +174,18 @@ def test_operation_conforms_to_the_openapi_document(make_app, path, method):
 # --- body parsers ------------------------------------------------------------------------------
 
 POST_ROUTES = sorted(path for path, methods in openapi.ROUTES.items() if "post" in methods)
-json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
-                | st.floats(allow_nan=False) | st.text(max_size=30))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def field_names(path: str) -> list[str]:
@@ -157,23 +207,33 @@ def raw_bodies(draw: st.DrawFn, path: str) -> bytes:
         value = draw(json_values)
     else:
         names = field_names(path)
-        value = draw(st.dictionaries(st.sampled_from(names) | st.text(max_size=8), json_values
-                                     | st.text(alphabet=st.characters(), max_size=20)
-                                     | st.sampled_from(["\ud800", "a\udfff", "x" * 5000]), max_size=len(names) + 1))
+        value = draw(
+            st.dictionaries(
+                st.sampled_from(names) | st.text(max_size=8),
+                json_values
+                | st.text(alphabet=st.characters(), max_size=20)
+                | st.sampled_from(["\ud800", "a\udfff", "x" * 5000]),
+                max_size=len(names) + 1,
+            )
+        )
     return json.dumps(value, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)
-def test_post_bodies_never_cause_a_server_error(make_app, path):
-    application = make_app(use_clock=False, **FUZZ_CONFIG)
+def test_post_bodies_never_cause_a_server_error(fuzz_app, path):
+    application = fuzz_app()
     credentials = Credentials(application)
     client = application.test_client()
     route = openapi.ROUTES[path]["post"]
     documented = {int(status) for status in openapi.build_spec(application, "test")["paths"][path]["post"]["responses"]}
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=raw_bodies(path), content_type=st.sampled_from(["application/json", "application/json",
-                                                                "text/plain", "application/merge-patch+json"]))
+    @given(
+        body=raw_bodies(path),
+        content_type=st.sampled_from(
+            ["application/json", "application/json", "text/plain", "application/merge-patch+json"]
+        ),
+    )
     def check(body: bytes, content_type: str) -> None:
         credentials.ensure_usable()
         headers = {"Content-Type": content_type, **credentials.headers_for(route.get("auth", "none"), path)}
