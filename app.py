@@ -1070,7 +1070,7 @@ def prometheus_metrics() -> Response:
         "limiter_store_up": 1.0 if svc.limiter.health() == "ok" else 0.0,
         "analytics_flush_failures": float(svc.usage.flush_failures),
     }))
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)  # mimetype= would add a second charset
 
 
 @metrics_bp.get("/api/analytics")
