@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,8 +140,21 @@ def test_bytes_route_streams_exactly_n_bytes(backends: list[str]) -> None:
     assert total == 3_000_000
 
 
+def consecutive_free_ports() -> int:
+    """A port whose successor is free too (bounded search; the OS may still race us)."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports found")
+
+
 def test_count_and_base_port_start_consecutive_backends() -> None:
-    base = free_port()
+    base = consecutive_free_ports()
     cmd = [sys.executable, str(ROOT / "mock_backends.py"), "--count", "2", "--base-port", str(base)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
