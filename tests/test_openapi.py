@@ -152,6 +152,7 @@ def test_html_js_and_prometheus_routes_have_their_content_types(client, document
         response = client.get(path)
         documented(response, path, "get")
         assert response.status_code == 200 and response.mimetype == media
+        assert response.headers["Content-Type"].count("charset") <= 1
 
 
 def test_auth_flow_matches_the_document(client, auth, documented):
