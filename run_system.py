@@ -5,6 +5,10 @@ Starts mock_backends.py, load_balancer.py and the API (``app.py``, or gunicorn w
 broken component is a clear message here, not a traceback. Each child runs in its own
 process group, its output is prefixed with its name, a child that dies is restarted with
 backoff, and SIGINT/SIGTERM stop every group (TERM, then KILL after a grace period).
+
+Restarts wait 1 s, doubling to 30 s, at most 5 within 60 s; then the API's loss stops the
+whole system (exit 1) and any other component is left down. RUN_SYSTEM_BACKOFF_BASE sets
+the first delay (tests shorten it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -437,6 +440,18 @@ def lazy_tls_health(url: str, cert_dir: Path) -> HealthCheck:
     return check
 
 
+def restart_backoff(environ: dict[str, str]) -> float:
+    """First restart delay in seconds: RUN_SYSTEM_BACKOFF_BASE [1] (tests make it short)."""
+    raw = environ.get("RUN_SYSTEM_BACKOFF_BASE") or "1"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SetupError(f"RUN_SYSTEM_BACKOFF_BASE must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= 30:
+        raise SetupError(f"RUN_SYSTEM_BACKOFF_BASE must be in (0, 30], got {raw!r}")
+    return value
+
+
 def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
     """Decide every child's command line and environment; nothing is started or written here."""
     notes: list[str] = []
@@ -472,6 +487,9 @@ def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         extra["redis"] = "REDIS_URL"
     if args.ssl:
         extra["cryptography"] = "ssl_setup.py (--ssl)"
+    backoff = restart_backoff(environ)
+    for component in components:
+        component.policy = RestartPolicy(base=backoff)
     return Plan(
         host=args.host,
         components=components,
@@ -702,20 +720,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check dependencies, then start and supervise the mock backends, the load balancer and the API.",
         epilog="Example: python run_system.py --dev --skip-db   (Ctrl-C stops everything)",
     )
-    parser.add_argument("--dev", action="store_true", help="development defaults: FLASK_ENV=development, dev token")
-    parser.add_argument("--skip-db", action="store_true", help="do not check that the database is reachable")
+    parser.add_argument(
+        "--dev", action="store_true", help="FLASK_ENV=development and a generated ADMIN_TOKEN (printed) if unset"
+    )
+    parser.add_argument("--skip-db", action="store_true", help="do not check the database before starting")
     parser.add_argument("--no-lb", action="store_true", help="do not start the load balancer")
     parser.add_argument("--no-backends", action="store_true", help="do not start the mock backends")
     parser.add_argument("--ssl", action="store_true", help="serve the API over HTTPS with a dev certificate")
-    parser.add_argument("--cert-dir", default="certs", help="where --ssl keeps cert.pem and key.pem [certs]")
+    parser.add_argument(
+        "--cert-dir", metavar="DIR", default="certs", help="where --ssl keeps cert.pem, key.pem [certs]"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address every component binds [127.0.0.1]")
-    parser.add_argument("--api-port", type=int, default=5000, help="API port [5000]")
-    parser.add_argument("--lb-port", type=int, default=8080, help="load balancer port [8080]")
-    parser.add_argument("--backend-ports", type=port_list, default=[5001, 5002, 5003], help="[5001,5002,5003]")
-    parser.add_argument("--workers", type=int, default=0, help="run the API under gunicorn with N workers")
+    parser.add_argument("--api-port", metavar="PORT", type=int, default=5000, help="API port [5000]")
+    parser.add_argument("--lb-port", metavar="PORT", type=int, default=8080, help="load balancer port [8080]")
+    parser.add_argument(
+        "--backend-ports", metavar="P,P,P", type=port_list, default=[5001, 5002, 5003], help="[5001,5002,5003]"
+    )
+    parser.add_argument(
+        "--workers", metavar="N", type=int, default=0, help="run the API under gunicorn with N workers (N>1: Redis)"
+    )
     parser.add_argument("--redis", metavar="URL", help="shared limiter store (default: REDIS_URL)")
     parser.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL (default: DATABASE_URL, else SQLite)")
-    parser.add_argument("--start-timeout", type=float, default=30.0, help="seconds each component may take [30]")
+    parser.add_argument(
+        "--start-timeout", metavar="S", type=float, default=30.0, help="seconds each component may take [30]"
+    )
     return parser
 
 

@@ -330,3 +330,39 @@ def test_redis_flag_is_passed_to_the_api_as_its_shared_store(launch, full_ports)
     system = launch([*args, *port_args(*full_ports)])
     assert set(system.table()) == {"api"}
     assert requests.get(f"http://127.0.0.1:{api}/api/metrics", timeout=10).json()["limiter_store"] == "redis"
+
+
+def kill_until_given_up(system: System, name: str, first_pid: int, timeout: float = 60.0) -> int:
+    """SIGKILL ``name`` each time it comes back; return how many restarts happened before the give-up."""
+    pid, restarts, mark = first_pid, 0, len(system.lines)
+    while True:
+        os.kill(pid, signal.SIGKILL)
+        match = system.wait_for(rf"{name} restarted \(pid (\d+)|{name} died \d+ times", timeout=timeout, start=mark)
+        mark = len(system.lines)
+        if match.group(1) is None:
+            return restarts
+        pid, restarts = int(match.group(1)), restarts + 1
+
+
+@pytest.mark.slow
+def test_api_killed_past_the_restart_budget_stops_everything_with_non_zero_exit(launch, tmp_path, full_ports) -> None:
+    api, lb, backends = full_ports
+    env = clean_env(tmp_path, RUN_SYSTEM_BACKOFF_BASE="0.05")
+    system = launch(["--dev", "--skip-db", *port_args(api, lb, backends)], env)
+    kill_until_given_up(system, "api", system.table()["api"])
+    system.wait_for(r"error: the API cannot be kept running: stopping everything")
+    assert system.proc.wait(timeout=30) == 1
+    for port in (api, lb, *backends):
+        assert not port_open("127.0.0.1", port)
+
+
+@pytest.mark.slow
+def test_backends_killed_past_the_restart_budget_leave_the_rest_running(launch, tmp_path, full_ports) -> None:
+    api, lb, backends = full_ports
+    env = clean_env(tmp_path, RUN_SYSTEM_BACKOFF_BASE="0.05")
+    system = launch(["--dev", "--skip-db", "--no-lb", *port_args(api, lb, backends)], env)
+    assert kill_until_given_up(system, "backends", system.table()["backends"]) == 5
+    system.wait_for(r"error: continuing without backends")
+    assert requests.get(f"http://127.0.0.1:{api}/health", timeout=10).status_code == 200
+    assert system.proc.poll() is None
+    assert system.stop() == 0
