@@ -107,19 +107,29 @@ local function bucket(now, window)
 end
 
 local function sliding_window(key, now, limit, window, cost, record, nonce)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now - window))
-  local count = redis.call('ZCARD', key)
+  -- Read the head first: trimming (and re-reading it) is needed only when the oldest entry expired,
+  -- and a refusal then costs two commands. Lua-side cost dominates this script on a busy server.
+  local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+  if oldest and oldest <= now - window then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now - window))
+    oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+  end
+  local count = 0
+  if oldest then count = redis.call('ZCARD', key) end
   local allowed = count + cost <= limit
   if allowed and record == 1 then
     for i = 1, cost do redis.call('ZADD', key, num(now), nonce .. ':' .. i) end
     count = count + cost
     redis.call('PEXPIRE', key, ms(window))
+    if not oldest or now < oldest then oldest = now end
   end
-  local oldest, kth = 0, 0
-  if count > 0 then oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) end
+  oldest = oldest or 0
+  local kth = 0
   if not allowed then
     local idx = count - limit + cost - 1
-    if idx < count then kth = tonumber(redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')[2]) else kth = now end
+    if idx >= count then kth = now
+    elseif idx == 0 then kth = oldest
+    else kth = tonumber(redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')[2]) end
   end
   return {allowed and 1 or 0, count, oldest, kth}
 end
