@@ -449,6 +449,7 @@ class Strategy:
     """Picks one backend among the available ``candidates`` (never empty)."""
 
     name: ClassVar[str]
+    needs_client_ip: ClassVar[bool] = False  # computed per request only for strategies that use it
 
     def __init__(self, env: StrategyEnv) -> None:
         self.env = env
@@ -515,6 +516,7 @@ class IpHash(Strategy):
     """Rendezvous (highest random weight) hashing of the client address."""
 
     name = "ip_hash"
+    needs_client_ip = True
 
     def choose(self, candidates: Sequence[Backend], client_ip: str) -> Backend:
         return max(candidates, key=lambda b: hrw_score(client_ip, b))
@@ -540,6 +542,7 @@ class Geo(RoundRobin):
     """Nearest healthy datacenter to the client (geo_router), round robin inside it."""
 
     name = "geo"
+    needs_client_ip = True
 
     def choose(self, candidates: Sequence[Backend], client_ip: str) -> Backend:
         geo = self.env.geo
@@ -808,13 +811,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
 
     async def response(self, read_timeout: float) -> UpstreamResponse:
-        assert self._head_waiter is not None
+        """Wait for the response head (and a small body); a plain timer is cheaper than asyncio.timeout."""
+        waiter = self._head_waiter
+        assert waiter is not None
+        if waiter.done():
+            return waiter.result()
+        timer = asyncio.get_running_loop().call_later(read_timeout, self._time_out, read_timeout)
         try:
-            async with asyncio.timeout(read_timeout):
-                return await self._head_waiter
-        except TimeoutError:
-            self.close()
-            raise UpstreamError(f"no response within {read_timeout}s") from None
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _time_out(self, seconds: float) -> None:
+        self._fail(UpstreamError(f"no response within {seconds}s"))
+        self.close()
 
     @property
     def reusable(self) -> bool:
@@ -1148,7 +1158,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if entry is not None:
             return cached_response(entry, lb.clock())
     body = RequestBody(request)
-    client_ip = lb.client_ip(request)
+    client_ip = lb.client_ip(request) if lb.strategy.needs_client_ip else ""
     tried: list[Backend] = []
     last_error: UpstreamFailure | None = None
     for _ in range(lb.config.retries + 1):

@@ -808,3 +808,18 @@ async def test_keep_alive_connections_to_a_backend_are_reused() -> None:
             statuses = [(await h.get("/"))[0] for _ in range(5)]
     assert statuses == [204] * 5
     assert connections == 1
+
+
+@async_test
+async def test_backend_that_never_answers_times_out_into_502() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await reader.read()  # hold the connection open without answering until the proxy gives up
+
+    async with raw_backend(silent) as url, running_lb(make_config([url], checks=False, read_timeout=0.3)) as h:
+        started = time.monotonic()
+        status, _, body = await h.get("/")
+        elapsed = time.monotonic() - started
+    assert status == 502 and body["error"] == "bad_gateway"
+    assert "no response within 0.3s" in body["message"]
+    assert 0.3 <= elapsed < 5
