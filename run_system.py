@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import ctypes
 import dataclasses
 import errno
 import importlib.util
@@ -507,6 +508,31 @@ def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
 # ---------------------------------------------------------------- supervision
 
 
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """Linux: a pre-exec hook so a child gets SIGTERM if run_system itself dies, even by SIGKILL.
+
+    The libc function is resolved here, once, so the hook does no imports or lookups between
+    fork and exec. Children are spawned from the main thread only (the signal follows the thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+DIE_WITH_PARENT = _die_with_parent_hook()
+
+
 def signal_group(pgid: int, sig: signal.Signals) -> None:
     """Signal a whole process group (the child and its grandchildren); gone groups are fine."""
     try:
@@ -546,6 +572,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: signals reach grandchildren too
+            preexec_fn=DIE_WITH_PARENT,
         )
         component.reader = threading.Thread(
             target=self._relay, args=(component, component.process.stdout), name=f"relay-{component.name}", daemon=True

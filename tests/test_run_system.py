@@ -99,7 +99,7 @@ class System:
 
     def kill_everything(self) -> None:
         """Safety net for a failed test: no process group of ours may outlive it."""
-        pids = self.table_if_printed().values()
+        pids = [*self.table_if_printed().values(), *self.restarted_pids()]
         try:
             self.stop(timeout=20)
         except subprocess.TimeoutExpired:
@@ -113,6 +113,9 @@ class System:
 
     def table_if_printed(self) -> dict[str, int]:
         return self.table() if any(line.startswith("System ready") for line in self.lines) else {}
+
+    def restarted_pids(self) -> list[int]:
+        return [int(m.group(1)) for line in self.lines if (m := re.search(r" restarted \(pid (\d+)", line))]
 
 
 def run_once(
@@ -330,6 +333,24 @@ def test_redis_flag_is_passed_to_the_api_as_its_shared_store(launch, full_ports)
     system = launch([*args, *port_args(*full_ports)])
     assert set(system.table()) == {"api"}
     assert requests.get(f"http://127.0.0.1:{api}/api/metrics", timeout=10).json()["limiter_store"] == "redis"
+
+
+def wait_ports_closed(ports: list[int], timeout: float = 20.0) -> list[int]:
+    """Poll until nothing listens on ``ports``; return those still open at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (still_open := [port for port in ports if port_open("127.0.0.1", port)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return still_open
+
+
+@pytest.mark.slow
+def test_children_stop_when_run_system_itself_is_killed(launch, full_ports) -> None:
+    api, lb, backends = full_ports
+    system = launch(["--dev", "--skip-db", *port_args(api, lb, backends)])
+    system.table()
+    system.proc.kill()  # no chance to clean up: the children's parent-death signal must do it
+    system.proc.wait()
+    assert wait_ports_closed([api, lb, *backends]) == []
 
 
 def kill_until_given_up(system: System, name: str, first_pid: int, timeout: float = 60.0) -> int:
