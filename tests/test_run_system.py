@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 import run_system
-from tests.services import free_port, port_open, require_redis
+from tests.services import free_port, fresh_postgres_database, port_open, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_system.py"
@@ -387,3 +388,21 @@ def test_backends_killed_past_the_restart_budget_leave_the_rest_running(launch, 
     assert requests.get(f"http://127.0.0.1:{api}/health", timeout=10).status_code == 200
     assert system.proc.poll() is None
     assert system.stop() == 0
+
+
+@pytest.mark.slow
+def test_database_url_is_checked_and_given_to_the_api(launch, full_ports) -> None:
+    url, drop = fresh_postgres_database()
+    try:
+        api = full_ports[0]
+        system = launch(["--dev", "--database-url", url, "--no-lb", "--no-backends", *port_args(*full_ports)])
+        system.table()
+        body = {"username": "pg_user", "password": "long enough pw"}
+        assert requests.post(f"http://127.0.0.1:{api}/auth/register", json=body, timeout=10).status_code == 201
+        assert system.stop() == 0
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM users WHERE username = 'pg_user'")).scalar_one() == 1
+        engine.dispose()
+    finally:
+        drop()
