@@ -19,6 +19,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import http.client
 import importlib.util
 import logging
 import os
@@ -161,8 +162,8 @@ def http_health(urls: Sequence[str], context: ssl.SSLContext | None = None) -> H
                         return f"{url} answered HTTP {response.status}"
             except urllib.error.HTTPError as exc:
                 return f"{url} answered HTTP {exc.code}"
-            except (OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", exc)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                reason = getattr(exc, "reason", exc) or type(exc).__name__
                 return f"{url} did not answer ({reason})"
         return None
 
@@ -587,8 +588,11 @@ class Supervisor:
             line = raw.decode("utf-8", errors="replace").rstrip()
             component.output.append(line)
             with self.output_lock:
-                sys.stdout.write(f"[{component.name}] {line}\n")
-                sys.stdout.flush()
+                try:
+                    sys.stdout.write(f"[{component.name}] {line}\n")
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass  # our stdout is gone; keep draining so the child never blocks on a full pipe
 
     def probe(self, component: Component, since: float) -> bool:
         """One health poll of a starting child: True when healthy; SetupError if it died or took too long."""
@@ -642,7 +646,7 @@ class Supervisor:
         """Supervise until a stop is requested (0) or the API cannot be kept alive (1)."""
         while not self.stopping.wait(POLL_SECONDS):
             for component in list(self.active):
-                if self._watch(component) is False:
+                if not self._watch(component):
                     return 1
         return 0
 
@@ -673,7 +677,7 @@ class Supervisor:
             )
             self.active.remove(component)
             if component.essential:
-                log.error("the API cannot be kept running: stopping everything")
+                log.error("the %s cannot be kept running: stopping everything", component.name)
                 return False
             log.error("continuing without %s", component.name)
             return True
@@ -710,20 +714,22 @@ class Supervisor:
     # -- stopping
 
     def shutdown(self, grace: float = GRACE_SECONDS) -> None:
-        """TERM every process group (newest first), KILL what is left after ``grace`` seconds."""
-        started = [component for component in reversed(self.components) if component.process is not None]
-        for component in started:
-            if component.alive():
-                signal_group(component.process.pid, signal.SIGTERM)
+        """TERM every running process group (reverse start order), KILL what is left after ``grace`` seconds.
+
+        Children that died earlier had their group killed then; their ids may since belong to others.
+        """
+        running = [component for component in reversed(self.components) if component.alive()]
+        for component in running:
+            signal_group(component.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while any(c.alive() for c in started) and time.monotonic() < deadline and not self.forced.is_set():
+        while any(c.alive() for c in running) and time.monotonic() < deadline and not self.forced.is_set():
             time.sleep(POLL_SECONDS / 2)
-        for component in started:
+        for component in running:
             if component.alive():
                 log.warning("%s did not stop within %.0f s: killing it", component.name, grace)
             signal_group(component.process.pid, signal.SIGKILL)  # also catches lingering grandchildren
             component.process.wait()
-        for component in started:
+        for component in self.components:
             if component.reader:
                 component.reader.join(timeout=2)
 

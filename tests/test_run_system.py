@@ -372,7 +372,7 @@ def test_api_killed_past_the_restart_budget_stops_everything_with_non_zero_exit(
     env = clean_env(tmp_path, RUN_SYSTEM_BACKOFF_BASE="0.05")
     system = launch(["--dev", "--skip-db", *port_args(api, lb, backends)], env)
     kill_until_given_up(system, "api", system.table()["api"])
-    system.wait_for(r"error: the API cannot be kept running: stopping everything")
+    system.wait_for(r"error: the api cannot be kept running: stopping everything")
     assert system.proc.wait(timeout=30) == 1
     for port in (api, lb, *backends):
         assert not port_open("127.0.0.1", port)
