@@ -177,9 +177,14 @@ def report(rates: dict[tuple[str, str], list[float]], vs_ping: dict[str, list[fl
     for (store, name), rate in median.items():
         paired = f"{100 * statistics.median(vs_ping[name]):.0f}%" if store == "redis" and name in vs_ping else ""
         print(f"| {store} | {name} | {rate:,.0f} | {vs_moving_window(store, name):.2f}x | {paired} |")
-    for store in ("memory", "redis"):
-        ratio = vs_moving_window(store, "ours sliding_window")
-        print(f"target {store}: ours sliding_window / limits moving_window = {ratio:.2f}x (>= 2x: {ratio >= 2})")
+    ratio = vs_moving_window("memory", "ours sliding_window")
+    print(f"target memory: ours sliding_window / limits moving_window = {ratio:.2f}x (>= 2x: {ratio >= 2})")
+    raw = vs_moving_window("redis", "ours sliding_window")
+    # On a busy machine the Redis server's scheduling dominates and drifts between runs; dividing the two
+    # PING-paired shares compares both at the same load.
+    paired = statistics.median(vs_ping["ours sliding_window"]) / statistics.median(vs_ping["limits moving_window"])
+    print(f"target redis: ours sliding_window / limits moving_window = {paired:.2f}x via paired PING shares "
+          f"({raw:.2f}x unpaired) (>= 2x: {paired >= 2})")
     for name in ("ours sliding_window", "ours check_request"):
         share = statistics.median(vs_ping[name])
         print(f"target redis: {name} = {100 * share:.0f}% of PING (>= 60%: {share >= 0.6})")
