@@ -55,6 +55,7 @@ HOP_BY_HOP = frozenset(
 STREAM_CHUNK = 64 * 1024
 STREAM_HIGH_WATER = 1024 * 1024  # pause reading a backend when this much body waits for a slow client
 MAX_HEAD_BYTES = 64 * 1024
+FRAMING_HEADERS = frozenset({"connection", "content-length", "transfer-encoding"})
 
 
 # --------------------------------------------------------------------------- errors
@@ -679,6 +680,7 @@ class UpstreamResponse:
         self.reason = reason
         self.headers = headers
         self.content_length: int | None = None
+        self.connection: str | None = None
         self.body: bytes | None = None
         self._pieces: deque[bytes] = deque()
         self._queued = 0
@@ -877,18 +879,23 @@ class UpstreamConnection(asyncio.Protocol):
             if 100 <= status < 200:
                 continue
             headers = []
+            fields = {}  # the few framing headers, lower-cased, read in the same pass
             for line in lines[1:]:
                 name, sep, value = line.partition(":")
                 if not sep or not name or name != name.strip():
                     raise ValueError(f"bad header line {line[:40]!r}")
-                headers.append((name, value.strip()))
-            self._begin(UpstreamResponse(self, status, reason, headers), version)
+                value = value.strip()
+                headers.append((name, value))
+                lower = name.lower()
+                if lower in FRAMING_HEADERS:
+                    fields[lower] = value
+            self._begin(UpstreamResponse(self, status, reason, headers), version, fields)
             return True
 
-    def _begin(self, response: UpstreamResponse, version: str) -> None:
+    def _begin(self, response: UpstreamResponse, version: str, fields: dict[str, str]) -> None:
         """Decide how the body is framed and whether to hand over the head now or with the body."""
         self._response = response
-        fields = {name.lower(): value for name, value in response.headers}
+        response.connection = fields.get("connection")
         if "content-length" in fields:
             response.content_length = int(fields["content-length"])
             if response.content_length < 0:
@@ -1127,22 +1134,21 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-REQUEST_ONLY = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+REQUEST_DROP = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # aiohttp frames the body it sends
 
 
-def filter_headers(items: Iterable[tuple[str, str]], connection: str | None) -> list[tuple[str, str]]:
+def filter_headers(
+    items: Iterable[tuple[str, str]], connection: str | None, drop: frozenset[str] = REQUEST_DROP
+) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers, those named in Connection, and the ones the proxy sets itself."""
-    drop = HOP_BY_HOP | REQUEST_ONLY
     if connection:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
     return [(k, v) for k, v in items if k.lower() not in drop]
 
 
 def response_headers(upstream: UpstreamResponse, backend: Backend) -> CIMultiDict[str]:
-    connection = next((v for k, v in upstream.headers if k.lower() == "connection"), None)
-    headers = CIMultiDict(
-        (k, v) for k, v in filter_headers(upstream.headers, connection) if k.lower() != "content-length"
-    )
+    headers = CIMultiDict(filter_headers(upstream.headers, upstream.connection, RESPONSE_DROP))
     headers["X-Backend"] = backend.url
     return headers
 
