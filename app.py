@@ -53,6 +53,7 @@ MAX_PER_PAGE = 200
 SDK_CACHE_SECONDS = 300
 # Routes that never count against the per-IP limit: static files and liveness.
 IP_EXEMPT_ENDPOINTS = {"static", "core.health", "sdk.sdk_js"}
+ADMIN_ROOM = "admins"  # Socket.IO room of dashboard sockets that connected with ADMIN_TOKEN
 
 
 # --- services ------------------------------------------------------------------------------
@@ -150,8 +151,8 @@ class EventBus:
             })
         svc.notifier.notify(kind, subject, details)
         if svc.socketio is not None:
-            try:
-                svc.socketio.emit("event", event)
+            try:  # events name users, keys and IPs: only sockets that presented ADMIN_TOKEN get them
+                svc.socketio.emit("event", event, to=ADMIN_ROOM)
             except Exception:  # a live feed must never break the request that caused the event
                 log.debug("socket.io emit failed", exc_info=True)
 
@@ -1253,16 +1254,6 @@ def init_socketio(app: Flask, svc: Services) -> None:
     socketio = SocketIO(app, async_mode="threading", logger=False, engineio_logger=False)
     svc.socketio = socketio
     started = threading.Event()
-    admin_room = "admins"
-    broadcast = socketio.emit
-
-    def emit_event_to_admins(event: str, *args: Any, **kwargs: Any) -> None:
-        # "event" messages name users, keys and IPs: only sockets that presented ADMIN_TOKEN get them.
-        if event == "event":
-            kwargs.setdefault("to", admin_room)
-        broadcast(event, *args, **kwargs)
-
-    socketio.emit = emit_event_to_admins  # type: ignore[method-assign]
 
     def snapshot() -> dict[str, Any]:
         return {**svc.metrics.snapshot(), "limiter_health": svc.limiter.health()}
@@ -1280,7 +1271,7 @@ def init_socketio(app: Flask, svc: Services) -> None:
     @socketio.on("connect")
     def _connect(auth_data: Any = None) -> None:
         if is_admin(auth_data):
-            join_room(admin_room)
+            join_room(ADMIN_ROOM)
         emit("metrics", snapshot())  # the new client sees numbers at once, not after the next tick
         if not started.is_set():
             started.set()
