@@ -277,21 +277,14 @@ def test_sigterm_also_stops_cleanly(launch, full_ports) -> None:
 
 
 @pytest.mark.slow
-def test_ssl_serves_https_trusted_through_the_generated_certificate(launch, tmp_path: Path, full_ports) -> None:
+@pytest.mark.parametrize("server", [[], ["--workers", "1"]], ids=["app.py", "gunicorn"])
+def test_ssl_serves_https_trusted_through_the_generated_certificate(
+    launch, tmp_path: Path, full_ports, server: list[str]
+) -> None:
     api = full_ports[0]
     cert_dir = tmp_path / "tls"
-    system = launch(
-        [
-            "--dev",
-            "--skip-db",
-            "--ssl",
-            "--cert-dir",
-            str(cert_dir),
-            "--no-lb",
-            "--no-backends",
-            *port_args(*full_ports),
-        ]
-    )
+    args = ["--dev", "--skip-db", "--ssl", "--cert-dir", str(cert_dir), "--no-lb", "--no-backends", *server]
+    system = launch([*args, *port_args(*full_ports)])
     system.table()
     response = requests.get(f"https://127.0.0.1:{api}/health", verify=str(cert_dir / "cert.pem"), timeout=10)
     assert response.status_code == 200
