@@ -54,15 +54,16 @@ def gunicorn(target: str, port: int, env: dict[str, str], workers: int, threads:
     cmd = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
     if threads > 1:
         cmd += ["-k", "gthread", "--threads", str(threads)]
-    return subprocess.Popen([*cmd, target], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    # Output to a file, never an unread pipe: a full pipe would block the workers' logging.
+    with open(Path(tempfile.gettempdir()) / f"http-bench-{port}.log", "ab") as out:
+        return subprocess.Popen([*cmd, target], cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
 
 
 def wait_up(url: str, proc: subprocess.Popen, path: str = "/health", ok=(200, 401)) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server at {url} exited: {proc.stderr.read().decode()[-1500:]}")
+            raise SystemExit(f"server at {url} exited; see {tempfile.gettempdir()}/http-bench-*.log")
         try:
             if requests.get(url + path, timeout=1).status_code in ok:
                 return

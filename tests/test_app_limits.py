@@ -263,19 +263,21 @@ def test_memory_fallback_still_limits(make_app, auth):
 
 # --- several gunicorn workers x several instances sharing Redis ---
 
-def start_gunicorn(port: int, env: dict[str, str], workers: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
-         "app:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
+def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> subprocess.Popen:
+    # Output goes to a file: an unread pipe fills up and blocks the workers' logging.
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout",
+             "5", "app:app"],
+            cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True,
+        )
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"gunicorn exited: {log.read_text()[-2000:]}")
         try:
             if requests.get(f"{url}/health", timeout=1).status_code == 200:
                 return
@@ -296,11 +298,12 @@ def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
         "ADMIN_TOKEN": ADMIN_TOKEN, "WEB_CONCURRENCY": "4", "BCRYPT_ROUNDS": "4", "ENABLE_SOCKETIO": "false",
     }
     ports = [free_port(), free_port()]
-    procs = [start_gunicorn(port, env, 4) for port in ports]
+    logs = [tmp_path / f"gunicorn-{port}.log" for port in ports]
+    procs = [start_gunicorn(port, env, 4, log) for port, log in zip(ports, logs, strict=True)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
-        for url, proc in zip(urls, procs, strict=True):
-            wait_healthy(url, proc)
+        for url, proc, log in zip(urls, procs, logs, strict=True):
+            wait_healthy(url, proc, log)
         for round_number in range(3):
             user = requests.post(f"{urls[0]}/auth/register", timeout=10,
                                  json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})
