@@ -234,6 +234,8 @@ def parse_datacenters(items: Any) -> tuple[list[Datacenter], dict[str, str]]:
 def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
     """Apply a JSON-shaped mapping (the config file format) onto ``config``."""
     data = dict(data)
+    if "datacenters" in data and "backends" not in data:
+        config.backends = []  # the datacenters list their own backends; don't keep the defaults
     if "backends" in data:
         config.backends = [parse_backend(b) for b in data.pop("backends")]
     if "datacenters" in data:

@@ -823,3 +823,24 @@ async def test_backend_that_never_answers_times_out_into_502() -> None:
     assert status == 502 and body["error"] == "bad_gateway"
     assert "no response within 0.3s" in body["message"]
     assert 0.3 <= elapsed < 5
+
+
+def test_config_datacenters_bring_their_own_backends() -> None:
+    from load_balancer import apply_mapping
+
+    config = LBConfig()
+    apply_mapping(
+        config,
+        {
+            "strategy": "geo",
+            "default_datacenter": "us-west",
+            "datacenters": [
+                {"name": "eu-west", "lat": 51.5, "lon": -0.12, "backends": ["http://127.0.0.1:7001/"]},
+                {"name": "us-west", "lat": 37.77, "lon": -122.42, "backends": ["http://127.0.0.1:7002"]},
+            ],
+        },
+    )
+    config.validate()
+    placed = [(b.url, b.datacenter) for b in config.backends]
+    assert placed == [("http://127.0.0.1:7001", "eu-west"), ("http://127.0.0.1:7002", "us-west")]
+    assert [dc.name for dc in config.datacenters] == ["eu-west", "us-west"]
