@@ -10,6 +10,7 @@ bytes and JSON values at every POST route: never a 5xx, always the error shape.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "30"))  # per operation; raise it for a deeper run
 FUZZ_CONFIG = dict(
     ip_rate_limit=1_000_000,  # the fuzzer must not ban itself; bans are covered in test_openapi
     register_per_ip_per_hour=1_000_000,
@@ -227,7 +228,7 @@ def test_post_bodies_never_cause_a_server_error(fuzz_app, path):
     route = openapi.ROUTES[path]["post"]
     documented = {int(status) for status in openapi.build_spec(application, "test")["paths"][path]["post"]["responses"]}
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=4 * MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         body=raw_bodies(path),
         content_type=st.sampled_from(
