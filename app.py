@@ -1338,6 +1338,9 @@ def __getattr__(name: str) -> Any:
 
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # SO_REUSEADDR as the server itself uses: connections of a killed predecessor in TIME_WAIT
+        # must not make a restart look like a busy port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

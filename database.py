@@ -8,13 +8,15 @@ always bound parameters. SQLite is the default (WAL, busy timeout); PostgreSQL i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -184,8 +186,29 @@ def current_version(conn: Connection) -> int:
     return conn.execute(sa.select(sa.func.coalesce(sa.func.max(schema_migrations.c.version), 0))).scalar_one()
 
 
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across processes (gunicorn workers start together).
+    PostgreSQL is serialised inside each migration by an advisory lock instead."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{os.path.abspath(path)}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def migrate(engine: Engine) -> list[int]:
     """Apply pending migrations in order, each in its own transaction; return the versions applied."""
+    with _migration_lock(engine):
+        return _migrate(engine)
+
+
+def _migrate(engine: Engine) -> list[int]:
     applied: list[int] = []
     with engine.begin() as conn:
         schema_migrations.create(conn, checkfirst=True)

@@ -51,7 +51,8 @@ def free_port() -> int:
 
 
 def gunicorn(target: str, port: int, env: dict[str, str], workers: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+           "--no-control-socket"]
     if threads > 1:
         cmd += ["-k", "gthread", "--threads", str(threads)]
     # Output to a file, never an unread pipe: a full pipe would block the workers' logging.

@@ -119,7 +119,8 @@ def test_python_app_serves_and_flushes_on_sigterm(tmp_path):
 
 def test_gunicorn_with_bad_config_stops_instead_of_respawning(tmp_path):
     env = base_env(tmp_path, FLASK_ENV="production", ADMIN_TOKEN="x")
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{free_port()}", "app:app"],
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{free_port()}",
+                             "--no-control-socket", "app:app"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
     assert "error: JWT_SECRET_KEY must be set" in result.stderr

@@ -268,7 +268,7 @@ def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> s
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout",
-             "5", "app:app"],
+             "5", "--no-control-socket", "app:app"],
             cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True,
         )
 

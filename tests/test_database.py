@@ -238,3 +238,26 @@ def test_cli_uses_db_path_from_environment(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "fromenv.db").exists()
+
+
+def _migrate_at_once(url: str, start) -> None:
+    engine = db.make_engine(url)
+    start.wait(60)
+    db.migrate(engine)
+    engine.dispose()
+
+
+def test_workers_migrating_a_fresh_sqlite_file_at_once_all_succeed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_migrate_at_once, args=(url, start)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    engine = db.make_engine(url)
+    assert db.check(engine) == []
+    engine.dispose()
