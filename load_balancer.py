@@ -3,6 +3,8 @@
 ``build_app(config)`` returns an aiohttp application that fronts ``config.backends``. Admin
 routes (``/stats``, ``/dashboard``, ``/change_strategy``, ``/lb/...``) win over the proxy
 catch-all. Every error it produces itself is ``{"error": code, "message": text}``.
+Proxied requests travel over the balancer's own keep-alive HTTP/1.1 connection pool
+(``UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
 Run it with ``python load_balancer.py`` (see ``--help``); configuration comes from a JSON file,
 the environment (``LB_*``) and flags, in increasing precedence.
 """
@@ -1304,16 +1306,13 @@ async def health_loop(lb: Balancer) -> None:
 
 
 async def balancer_context(app: web.Application) -> AsyncIterator[None]:
-    """Open the shared keep-alive session and the health checker; close them on cleanup."""
+    """Open the keep-alive session (health probes) and the checker; close them and the proxy pool on cleanup."""
     lb = app[BALANCER]
     cfg = lb.config
     connector = TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
     lb.session = ClientSession(
         connector=connector,
         timeout=ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        cookie_jar=None,
     )
     checker = asyncio.create_task(health_loop(lb)) if cfg.health_check.enabled else None
     try:
