@@ -334,6 +334,7 @@ class Backend:
     port: int = field(init=False)
     tls: bool = field(init=False)
     netloc: str = field(init=False)
+    prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -341,6 +342,7 @@ class Backend:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.netloc = parts.netloc
+        self.prefix = parts.path.rstrip("/")  # a backend URL may mount the service under a path
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
@@ -1128,7 +1130,7 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     """The upstream request line and headers: hop-by-hop ones dropped, X-Forwarded-* added."""
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     peer = request.remote or "unknown"
-    lines = [f"{request.method} {request.raw_path} HTTP/1.1", f"Host: {backend.netloc}"]
+    lines = [f"{request.method} {backend.prefix}{request.raw_path} HTTP/1.1", f"Host: {backend.netloc}"]
     lines += [f"{k}: {v}" for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     lines.append(f"X-Forwarded-Proto: {request.scheme}")

@@ -844,3 +844,10 @@ def test_config_datacenters_bring_their_own_backends() -> None:
     placed = [(b.url, b.datacenter) for b in config.backends]
     assert placed == [("http://127.0.0.1:7001", "eu-west"), ("http://127.0.0.1:7002", "us-west")]
     assert [dc.name for dc in config.datacenters] == ["eu-west", "us-west"]
+
+
+@async_test
+async def test_backend_url_path_is_a_prefix_for_proxied_paths(backends: list[str]) -> None:
+    async with running_lb(make_config([backends[0] + "/mounted"], checks=False)) as h:
+        _, _, echo = await h.get("/items?x=1")
+    assert echo["path"] == "/mounted/items" and echo["query"] == {"x": ["1"]}
