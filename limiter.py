@@ -924,7 +924,10 @@ class RateLimiter:
         return self.strategy.result(raw, now, limit, win, cost)
 
     def hit(self, subject: str, limit: int, window: int | None = None, cost: int = 1) -> LimitResult:
-        """Atomically decide and, if admitted, record ``cost`` requests for ``subject``."""
+        """Atomically decide and, if admitted, record ``cost`` requests for ``subject``.
+
+        The log is per subject (not per limit or window), so a tier change keeps what was counted.
+        """
         return self._limit(subject, limit, window, cost, 1)
 
     def peek(self, subject: str, limit: int, window: int | None = None) -> LimitResult:
