@@ -268,3 +268,32 @@ def test_body_errors_match_the_document(app, client, auth, documented):
     assert documented(too_large, path, "post")["error"] == "payload_too_large"
     bad_query = client.get("/admin/users?per_page=0", headers=auth.admin)
     assert documented(bad_query, "/admin/users", "get")["field"] == "per_page"
+
+
+# Each of these answered 500 (or, for the newline, was accepted) before the fixes found by fuzzing.
+CRASH_INPUTS = [
+    ("post", "/auth/register", '{"username": "crash_user", "password": "pass\\ud800word!"}', None, 400,
+     "malformed_json"),
+    ("post", "/sdk/check", "[" * 50_000, None, 400, "malformed_json"),
+    ("post", "/auth/register", '{"username": "abc\\n", "password": "long enough pw"}', None, 400, "invalid_field"),
+    ("post", "/admin/upgrade_tier", '{"user_id": 1180591620717411303424, "tier": "free"}', "admin", 400,
+     "invalid_field"),
+    ("post", "/admin/block_key", '{"key_id": 9223372036854775808}', "admin", 400, "invalid_field"),
+    ("get", "/admin/users?page=99999999999999999999", None, "admin", 400, "invalid_field"),
+    ("get", "/admin/keys?user_id=99999999999999999999", None, "admin", 400, "invalid_field"),
+    ("get", "/logs?since=0001-01-01T00:00:00%2B01:00", None, "admin", 400, "invalid_field"),
+    ("get", "/logs?since=9999-12-31T23:59:59-01:00", None, "admin", 400, "invalid_field"),
+    ("delete", "/auth/api_keys/99999999999999999999", None, "user", 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "body", "who", "status", "code"), CRASH_INPUTS,
+                         ids=[f"{m} {u[:40]}" for m, u, *_ in CRASH_INPUTS])
+def test_inputs_that_once_crashed_get_a_documented_error(client, auth, documented, method, url, body, who,
+                                                         status, code):
+    headers = auth.admin if who == "admin" else auth.bearer(auth.register()["access_token"]) if who else {}
+    response = client.open(url, method=method.upper(), data=body, headers=headers,
+                           content_type="application/json" if body is not None else None)
+    path = "/auth/api_keys/{key_id}" if url.startswith("/auth/api_keys/") else url.split("?")[0]
+    assert response.status_code == status
+    assert documented(response, path, method)["error"] == code
