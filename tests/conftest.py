@@ -186,9 +186,12 @@ def live_server(make_app):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Debian Chromium driven by Playwright (skips locally, fails in CI when missing)."""
+    """Headless Debian Chromium driven by Playwright (skips locally, fails in CI when missing).
+
+    Module scope, not session: Playwright's sync API keeps an asyncio loop running in the main
+    thread while it is open, which would break later tests that call ``asyncio.run``."""
     from tests.services import CHROMIUM_ARGS, require_chromium
 
     executable = require_chromium()
