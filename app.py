@@ -339,7 +339,9 @@ def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: 
                 user_id: int) -> LimitResult:
     """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
     result = decision.result
-    tier = decision.tier or "free"
+    # The store's meta is data, not trusted: a tier it does not know was limited at the default
+    # (free) limit, and must not reach headers, metrics labels or analytics rows as it is.
+    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     g.tier = tier
