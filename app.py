@@ -28,7 +28,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request, send_from_directory
-from flask_cors import CORS
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -1171,12 +1170,45 @@ def before_request() -> None:
     record_ip_decision(svc, g.client_ip, decision.ip)
 
 
+CORS_PATHS = ("/data", "/usage", "/sdk/")
+CORS_EXPOSE = "X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, RateLimit, RateLimit-Policy, Retry-After"
+CORS_ALLOW_HEADERS = {"content-type", "x-api-key", "authorization"}
+CORS_MAX_AGE = "600"
+
+
+def add_cors_headers(response: Response, allowed_origins: list[str]) -> None:
+    """CORS for the routes browsers call cross-origin (/data, /usage, /sdk/*), per CORS_ORIGINS.
+
+    The allowed origin is echoed (with ``Vary: Origin``) even for ``*``, so caches never mix answers;
+    a refused origin gets no CORS headers and the browser blocks the response. Done here rather
+    than with flask-cors because it runs on every request of the hot path and costs a fraction."""
+    origin = request.headers.get("Origin")
+    if not origin or not request.path.startswith(CORS_PATHS):
+        return
+    response.vary.add("Origin")
+    if "*" not in allowed_origins and origin not in allowed_origins:
+        return
+    headers = [("Access-Control-Allow-Origin", origin)]
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        granted = [h.strip() for h in asked.split(",") if h.strip().lower() in CORS_ALLOW_HEADERS]
+        headers += [("Access-Control-Allow-Methods", response.headers.get("Allow", "GET, POST, OPTIONS")),
+                    ("Access-Control-Max-Age", CORS_MAX_AGE)]
+        if granted:
+            headers.append(("Access-Control-Allow-Headers", ", ".join(granted)))
+    else:
+        headers.append(("Access-Control-Expose-Headers", CORS_EXPOSE))
+    response.headers.extend(headers)
+
+
 def after_request(response: Response) -> Response:
-    for name, value in (g.get("rate_headers") or {}).items():
-        response.headers.setdefault(name, value)
+    rate = g.get("rate_headers")
+    if rate:  # appended, not set one by one: Headers.set/setdefault scan and raise per header (hot path)
+        response.headers.extend(rate)
     if request.endpoint in ("static", "sdk.sdk_js"):
         return response
     svc = services()
+    add_cors_headers(response, svc.config.cors_origins)
     duration = time.perf_counter() - g.get("started", time.perf_counter())
     svc.metrics.observe_request(response.status_code, duration)
     status = response.status_code
@@ -1301,10 +1333,6 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     svc.notifier.init_app(app)
     with app.app_context():
         current_app.extensions["jwt"].load_revocations()
-    cors_resources = {path: {"origins": config.cors_origins} for path in (r"/sdk/*", r"/data", r"/usage")}
-    CORS(app, resources=cors_resources, expose_headers=[
-        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit", "RateLimit-Policy",
-        "Retry-After"], allow_headers=["Content-Type", "X-API-Key", "Authorization"], max_age=600)
     for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)

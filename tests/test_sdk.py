@@ -234,7 +234,7 @@ def test_preflight_from_a_refused_origin_gets_no_cors_headers(make_app, path) ->
 def test_wildcard_cors_origins_allow_any_origin(make_app) -> None:
     client = make_app(cors_origins=["*"]).test_client()
     response = preflight(client, "/sdk/check", OTHER_ORIGIN)
-    # flask-cors answers "*" by echoing the request's origin, and then says the answer varies by Origin
+    # "*" is answered by echoing the request's origin, and the answer then varies by Origin
     assert response.headers["Access-Control-Allow-Origin"] == OTHER_ORIGIN
     assert "Origin" in response.headers["Vary"]
     assert "content-type" in response.headers["Access-Control-Allow-Headers"].lower()
