@@ -47,7 +47,10 @@ class UsageRecorder:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the pending dicts; held for microseconds (hot path)
+        # Held across a flush's swap-and-write and a totals read, so a reader never sees counts
+        # that are in neither place (moved out of pending, not yet committed) or in both.
+        self._flush_lock = threading.Lock()
         self._pending: dict[tuple[str, dt.datetime], _Pending] = {}
         self._last_used: dict[int, dt.datetime] = {}
         self.flush_failures = 0
@@ -80,6 +83,10 @@ class UsageRecorder:
 
     def flush(self) -> int:
         """Write what is pending; on failure keep it for the next flush. Returns rows written."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self._lock:
             pending, self._pending = self._pending, {}
             last_used, self._last_used = self._last_used, {}
@@ -114,14 +121,14 @@ class UsageRecorder:
     def totals(self, subject: str, today_start: dt.datetime) -> dict[str, int]:
         """Allowed requests of ``subject`` today and in all time, stored plus pending."""
         c = db.usage_counters.c
-        with self._engine.connect() as conn:
+        with self._flush_lock, self._engine.connect() as conn:
             row = conn.execute(
                 sa.select(
                     sa.func.coalesce(sa.func.sum(c.allowed), 0),
                     sa.func.coalesce(sa.func.sum(sa.case((c.bucket_start >= today_start, c.allowed), else_=0)), 0),
                 ).where(c.subject == subject)
             ).one()
-        pending_today, pending_total = self.pending_counts(subject, today_start)
+            pending_today, pending_total = self.pending_counts(subject, today_start)
         return {"today": int(row[1]) + pending_today, "all_time": int(row[0]) + pending_total}
 
 

@@ -13,6 +13,7 @@ import atexit
 import collections
 import dataclasses
 import datetime as dt
+import functools
 import hmac
 import logging
 import math
@@ -175,6 +176,7 @@ class Services:
     events: EventBus | None = None
     socketio: Any = None
     flusher: threading.Thread | None = None
+    active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def now(self) -> dt.datetime:
@@ -237,6 +239,8 @@ def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len
         return None
     if not isinstance(value, str):
         raise bad_request(name, f"'{name}' must be a string")
+    if "\x00" in value:  # PostgreSQL cannot store NUL in text, and no field has a use for it
+        raise bad_request(name, f"'{name}' must not contain NUL characters")
     if len(value) > max_len:
         raise bad_request(name, f"'{name}' must be at most {max_len} characters")
     return value
@@ -285,11 +289,6 @@ def refuse_ip(decision: Any) -> ApiError:
                     headers={"Retry-After": str(retry)}, retry_after=retry)
 
 
-def store_unavailable() -> ApiError:
-    return ApiError(503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly",
-                    headers={"Retry-After": "5"})
-
-
 def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
     if decision is None:
         return
@@ -320,16 +319,14 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = ()) -> RequestDecision:
     """One store round trip: IP check plus the subject's hit (a second only if its meta was evicted)."""
-    try:
-        decision = svc.limiter.check_request(ip, subject, flags)
-        if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
-            tier, blocked = load_meta(svc, subject)
-            svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
-            retry = svc.limiter.check_request(None, subject, flags)
-            decision = retry._replace(ip=decision.ip)
-    except StoreUnavailable:
-        raise store_unavailable() from None
+    decision = svc.limiter.check_request(ip, subject, flags)
+    if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
+        tier, blocked = load_meta(svc, subject)
+        svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
+        retry = svc.limiter.check_request(None, subject, flags)
+        decision = retry._replace(ip=decision.ip)
     if ip is not None:
+        g.ip_checked = True
         record_ip_decision(svc, ip, decision.ip)
     return decision
 
@@ -365,6 +362,30 @@ def api_key_from_request(body: dict[str, Any] | None = None) -> str | None:
     return request.headers.get("X-API-Key") or request.args.get("api_key") or None
 
 
+def ip_guard(svc: Services, ip: str | None) -> None:
+    """The per-IP limit on its own (one store call); raises 429 ip_banned when refused."""
+    if ip is not None:
+        record_ip_decision(svc, ip, svc.limiter.check_request(ip, None).ip)
+
+
+def refused_before_the_combined_check(view: Callable[..., Any]) -> Callable[..., Any]:
+    """For views that do the IP check inside their combined store call: a request they refuse
+    before reaching that call (bad body, missing key) still counts against the IP, once."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        g.ip_checked = False
+        try:
+            return view(*args, **kwargs)
+        except ApiError as exc:
+            if not g.ip_checked and exc.code not in ("ip_banned", "limiter_unavailable"):
+                ip_guard(services(), g.client_ip)
+            raise
+
+    wrapper.combined_ip_check = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def resolve_key(svc: Services, raw_key: str | None, ip: str | None) -> tuple[KeyRecord, str | None]:
     """Authenticate an API key. Returns (record, ip still to check): when the cache knew the key,
     the IP check is left for the combined store call; otherwise it is done first, so a banned IP
@@ -376,18 +397,14 @@ def resolve_key(svc: Services, raw_key: str | None, ip: str | None) -> tuple[Key
     key_hash, record, known = svc.keys.cached(raw_key)
     if not known:
         if ip is not None:
-            try:
-                record_ip_decision(svc, ip, svc.limiter.check_request(ip, None).ip)
-            except StoreUnavailable:
-                raise store_unavailable() from None
+            g.ip_checked = True
+            ip_guard(svc, ip)
             ip = None
         record = svc.keys.load(key_hash)
     if record is None:
         if ip is not None:
-            try:
-                record_ip_decision(svc, ip, svc.limiter.check_request(ip, None).ip)
-            except StoreUnavailable:
-                raise store_unavailable() from None
+            g.ip_checked = True
+            ip_guard(svc, ip)
         svc.abuse.record("invalid_key", g.client_ip)
         raise ApiError(401, "invalid_api_key", "The API key is not valid")
     g.key_prefix = record.prefix
@@ -426,18 +443,9 @@ def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult
     tier, blocked = load_meta(svc, subject)
     if blocked:
         raise refuse_blocked_key(svc, record)
-    try:
-        result = svc.limiter.peek(subject, svc.config.tier_limits[tier])
-    except StoreUnavailable:
-        raise store_unavailable() from None
+    result = svc.limiter.peek(subject, svc.config.tier_limits[tier])
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     return record, result, tier
-
-
-def combined_check(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Mark a view that does its own IP check inside the combined store call."""
-    view.combined_ip_check = True  # type: ignore[attr-defined]
-    return view
 
 
 # --- blueprints ------------------------------------------------------------------------------
@@ -501,11 +509,8 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 
 def throttle(svc: Services, name: str, limit: int, window: int, code: str, message: str) -> None:
-    """A secondary limit (registrations, failed logins) on the same store."""
-    try:
-        result = svc.limiter.hit(name, limit, window)
-    except StoreUnavailable:
-        raise store_unavailable() from None
+    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count."""
+    result = svc.limiter.hit(name, limit, window)
     if not result.allowed:
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, code, message, headers={"Retry-After": str(retry)}, retry_after=retry)
@@ -554,19 +559,14 @@ def login() -> Response:
     svc = services()
     body = json_body()
     username, password = credentials(body)
-    failures = f"lf:{g.client_ip}"
-    try:
-        if svc.limiter.peek(failures, svc.config.login_failures_per_ip, svc.config.login_failure_window).remaining <= 0:
-            raise ApiError(429, "too_many_failed_logins", "Too many failed sign-ins from this address; wait and retry",
-                           headers={"Retry-After": str(svc.config.login_failure_window)},
-                           retry_after=svc.config.login_failure_window)
-    except StoreUnavailable:
-        raise store_unavailable() from None
+    # Every attempt is counted before bcrypt runs, atomically, so parallel guesses cannot get past
+    # the limit the way a check-then-count would let them.
+    throttle(svc, f"lf:{g.client_ip}", svc.config.login_failures_per_ip, svc.config.login_failure_window,
+             "too_many_failed_logins", "Too many sign-in attempts from this address; wait and retry")
     with svc.engine.connect() as conn:
         row = conn.execute(sa.select(db.users).where(db.users.c.username == username)).first()
     valid = auth.check_password(password, row.password_hash if row else _dummy_hash(svc.config.bcrypt_rounds))
     if row is None or not valid:
-        svc.limiter.hit(failures, svc.config.login_failures_per_ip, svc.config.login_failure_window)
         svc.abuse.record("failed_login", g.client_ip, username=username[:64])
         raise ApiError(401, "invalid_credentials", "Unknown username or wrong password")
     return jsonify(user=user_json(row), **current_app.extensions["jwt"].issue(row.id))
@@ -676,7 +676,7 @@ def revoke_in_store(svc: Services, key_id: int) -> None:
 # --- data, usage, sdk ---
 
 @data_bp.get("/data")
-@combined_check
+@refused_before_the_combined_check
 def data() -> Response:
     svc = services()
     token = auth.bearer_token()
@@ -701,7 +701,8 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
     try:
         claims = manager.decode(token, "access")
     except ApiError:
-        record_ip_decision(svc, g.client_ip, svc.limiter.check_request(g.client_ip, None).ip)
+        g.ip_checked = True
+        ip_guard(svc, g.client_ip)
         raise
     g.user_id = int(claims["sub"])
     subject = f"u:{g.user_id}"
@@ -754,7 +755,7 @@ def sdk_check() -> Response:
 
 
 @sdk_bp.post("/sdk/track")
-@combined_check
+@refused_before_the_combined_check
 def sdk_track() -> Response:
     svc = services()
     body = json_body()
@@ -1052,16 +1053,25 @@ def api_metrics() -> Response:
     return jsonify(snapshot)
 
 
+ACTIVE_KEYS_CACHE_SECONDS = 2.0
+
+
 def active_subjects(svc: Services) -> int:
-    """API keys with at least one request in the current window, across all workers."""
-    svc.usage.flush()
+    """API keys with requests in the current window, across all workers, as of the last flush.
+
+    The anonymous /api/metrics must not become a database load: one COUNT per two seconds at most."""
+    cached_at, value = svc.active_keys_cache
+    if time.monotonic() - cached_at < ACTIVE_KEYS_CACHE_SECONDS:
+        return value
     since = svc.now() - dt.timedelta(seconds=svc.config.window_seconds)
     c = db.usage_counters.c
     with svc.engine.connect() as conn:
-        return conn.execute(
+        value = conn.execute(
             sa.select(sa.func.count(sa.distinct(c.subject)))
             .where(c.bucket_start >= since.replace(second=0, microsecond=0), c.key_id.is_not(None))
         ).scalar_one()
+    svc.active_keys_cache = (time.monotonic(), value)
+    return value
 
 
 @metrics_bp.get("/metrics")
@@ -1162,12 +1172,7 @@ def before_request() -> None:
     view = current_app.view_functions.get(request.endpoint)
     if getattr(view, "combined_ip_check", False):
         return
-    svc = services()
-    try:
-        decision = svc.limiter.check_request(g.client_ip, None)
-    except StoreUnavailable:
-        raise store_unavailable() from None
-    record_ip_decision(svc, g.client_ip, decision.ip)
+    ip_guard(services(), g.client_ip)
 
 
 CORS_PATHS = ("/data", "/usage", "/sdk/")
@@ -1327,6 +1332,9 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     if config.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies)
     errors.init_app(app)
+    # Any limiter call may find the shared store down in fail mode "closed": always a JSON 503.
+    app.register_error_handler(StoreUnavailable, lambda _exc: errors.error_response(
+        503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly", {"Retry-After": "5"}))
     svc = build_services(config, clock)
     app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
     auth.JWTManager(app)

@@ -111,6 +111,10 @@ class JWTManager:
 
     def issue(self, user_id: int, family_id: str | None = None) -> dict[str, Any]:
         """Create an access token and a refresh token (recorded in its family)."""
+        with self._engine().begin() as conn:
+            return self._issue(conn, user_id, family_id)
+
+    def _issue(self, conn: sa.Connection, user_id: int, family_id: str | None) -> dict[str, Any]:
         config = self._config()
         now = int(dt.datetime.now(dt.UTC).timestamp())
         family_id = family_id or uuid.uuid4().hex
@@ -120,11 +124,10 @@ class JWTManager:
         refresh = {"sub": str(user_id), "iat": now, "exp": now + config.refresh_token_ttl,
                    "jti": refresh_jti, "type": "refresh", "fam": family_id, "iss": ISSUER}
         issued = db.utcnow()
-        with self._engine().begin() as conn:
-            conn.execute(db.refresh_tokens.insert().values(
-                jti=refresh_jti, family_id=family_id, user_id=user_id, issued_at=issued,
-                expires_at=issued + dt.timedelta(seconds=config.refresh_token_ttl),
-            ))
+        conn.execute(db.refresh_tokens.insert().values(
+            jti=refresh_jti, family_id=family_id, user_id=user_id, issued_at=issued,
+            expires_at=issued + dt.timedelta(seconds=config.refresh_token_ttl),
+        ))
         return {
             "access_token": self._encode(access),
             "refresh_token": self._encode(refresh),
@@ -191,6 +194,9 @@ class JWTManager:
         family_id = claims.get("fam")
         if not isinstance(family_id, str):
             raise ApiError(401, "invalid_token", "The refresh token has no family")
+        # Spending the old token and recording the new one is one transaction: a concurrent replay
+        # waits on the row lock, finds the token spent, and its family revocation then also
+        # catches the new token (two transactions would let the new one slip past).
         with self._engine().begin() as conn:
             spent = conn.execute(
                 db.refresh_tokens.update()
@@ -201,11 +207,12 @@ class JWTManager:
                 )
                 .values(used_at=db.utcnow())
             ).rowcount
-        if spent != 1:
+            tokens = self._issue(conn, int(claims["sub"]), family_id) if spent == 1 else None
+        if tokens is None:
             self.revoke_family(family_id)
             log.warning("refresh token reuse detected; revoked family %s of user %s", family_id, claims["sub"])
             raise ApiError(401, "token_reused", "This refresh token was already used or revoked; sign in again")
-        return self.issue(int(claims["sub"]), family_id=family_id)
+        return tokens
 
     def load_revocations(self) -> int:
         """Copy unexpired revocations from the database into the store (after a restart)."""

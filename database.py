@@ -188,8 +188,18 @@ def current_version(conn: Connection) -> int:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """Serialise migrations of one SQLite file across processes (gunicorn workers start together).
-    PostgreSQL is serialised inside each migration by an advisory lock instead."""
+    """Serialise migrations across processes (gunicorn workers start together): a file lock beside
+    a SQLite file, a session advisory lock on PostgreSQL, held from before the first CREATE."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(727274)"))
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(727274)"))
+                conn.commit()
+        return
     path = engine.url.database if engine.dialect.name == "sqlite" else None
     if not path or path == ":memory:":
         yield
@@ -214,9 +224,6 @@ def _migrate(engine: Engine) -> list[int]:
         schema_migrations.create(conn, checkfirst=True)
     for version, name, step in MIGRATIONS:
         with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Several workers may start at once: serialise migrations on an advisory lock.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
             if current_version(conn) >= version:
                 continue
             step(conn)

@@ -162,6 +162,7 @@ def test_metrics_and_usage_after_known_traffic(client, auth):
     _, key = auth.user_with_key()
     for _ in range(7):
         client.get("/data", headers={"X-API-Key": key["api_key"]})
+    client.application.extensions["rl"].usage.flush()  # what the background flusher does every second
     metrics = client.get("/api/metrics").get_json()
     assert metrics["allowed_total"] == 5 and metrics["rate_limited_total"] == 2
     assert metrics["by_tier"]["free"] == {"allowed": 5, "limited": 2}

@@ -329,3 +329,30 @@ def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
         assert all(client.ttl(k) > 0 for k in leftover), "every key written must carry a TTL"
         if leftover:
             client.delete(*leftover)
+
+
+def test_requests_refused_before_the_key_check_still_count_against_the_ip(make_app):
+    client = make_app(ip_rate_limit=3).test_client()
+    statuses = [client.get("/data").status_code for _ in range(3)]  # no key at all
+    assert statuses == [401] * 3
+    banned = client.get("/data")
+    assert banned.status_code == 429 and banned.get_json()["error"] == "ip_banned"
+    client2 = make_app(ip_rate_limit=2).test_client()
+    statuses = [client2.post("/sdk/track", data="not json", content_type="text/plain").status_code for _ in range(2)]
+    assert statuses == [415, 415]
+    assert client2.post("/sdk/track", data="x", content_type="text/plain").get_json()["error"] == "ip_banned"
+
+
+def test_store_down_in_closed_mode_is_a_503_everywhere(make_app, auth):
+    client = make_app(storage_url=dead_redis_url(), fail_mode="closed").test_client()
+    for method, path, kwargs in [
+        ("GET", "/data", {"headers": {"Authorization": "Bearer abc.def.ghi"}}),
+        ("GET", "/data", {"headers": {"X-API-Key": "rl_00000000_" + "x" * 43}}),
+        ("POST", "/auth/login", {"json": {"username": "nobody", "password": "whatever-pw"}}),
+        ("GET", "/admin/bans", {"headers": auth.admin}),
+        ("GET", "/", {}),
+    ]:
+        response = client.open(path, method=method, **kwargs)
+        assert response.status_code == 503, (path, response.get_json())
+        assert response.get_json()["error"] == "limiter_unavailable"
+        assert response.headers["Retry-After"] == "5"

@@ -267,3 +267,50 @@ def test_key_count_per_user_is_capped(client, auth):
 def test_user_cannot_set_own_tier_on_register(client):
     response = client.post("/auth/register", json={"username": "sam", "password": PASSWORD, "tier": "enterprise"})
     assert response.status_code == 201 and response.get_json()["user"]["tier"] == "free"
+
+
+def test_nul_characters_are_a_400_not_a_500(client, auth):
+    assert client.post("/auth/login", json={"username": "a\u0000b", "password": PASSWORD}).status_code == 400
+    response = client.post("/auth/register", json={"username": "nul_user", "password": PASSWORD,
+                                                    "email": "a\u0000@b.cc"})
+    assert response.status_code == 400 and response.get_json()["field"] == "email"
+    tokens = auth.register("nul_owner")
+    response = client.post("/auth/create_api_key", json={"name": "k\u0000"},
+                           headers=auth.bearer(tokens["access_token"]))
+    assert response.status_code == 400 and response.get_json()["field"] == "name"
+
+
+def test_concurrent_refresh_with_one_token_leaves_no_live_family(client, auth):
+    import concurrent.futures
+
+    tokens = auth.register("racer")
+    app = client.application
+
+    def refresh_once(_: int):
+        with app.test_client() as own:
+            return own.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(refresh_once, range(8)))
+    winners = [r.get_json() for r in responses if r.status_code == 200]
+    assert len(winners) <= 1
+    assert {r.status_code for r in responses} <= {200, 401}
+    if winners:  # the replays revoked the whole family, the winner's new token included
+        again = client.post("/auth/refresh", json={"refresh_token": winners[0]["refresh_token"]})
+        assert again.status_code == 401
+
+
+def test_parallel_wrong_passwords_cannot_exceed_the_attempt_limit(make_app):
+    import concurrent.futures
+
+    app = make_app(login_failures_per_ip=5)
+    client = app.test_client()
+    client.post("/auth/register", json={"username": "target", "password": PASSWORD})
+
+    def guess(i: int) -> int:
+        with app.test_client() as own:
+            return own.post("/auth/login", json={"username": "target", "password": f"guess-{i:04d}"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(guess, range(30)))
+    assert statuses.count(401) == 5 and statuses.count(429) == 25
