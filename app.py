@@ -528,8 +528,12 @@ def register() -> tuple[Response, int]:
         raise bad_request("password", "'password' must be at least 8 characters")
     if email is not None and not EMAIL_RE.fullmatch(email):
         raise bad_request("email", "'email' is not a valid e-mail address")
-    throttle(svc, f"reg:{g.client_ip}", svc.config.register_per_ip_per_hour, 3600, "too_many_registrations",
-             "Too many accounts registered from this address; try again later")
+    try:
+        throttle(svc, f"reg:{g.client_ip}", svc.config.register_per_ip_per_hour, 3600, "too_many_registrations",
+                 "Too many accounts registered from this address; try again later")
+    except ApiError:
+        svc.abuse.record("registration_throttled", g.client_ip)
+        raise
     now = db.utcnow()
     try:
         with svc.engine.begin() as conn:
@@ -834,6 +838,26 @@ def admin_users() -> Response:
         ).all()
     users = [{**user_json(row), "api_keys": row.key_count, "is_admin": bool(row.is_admin)} for row in rows]
     return jsonify(users=users, total=total, page=page, per_page=per_page)
+
+
+@admin_bp.delete("/admin/users/<int(max=2147483647):user_id>")
+@auth.admin_required
+def delete_user(user_id: int) -> Response:
+    """Delete a user with their keys and tokens; every worker refuses them on the next request."""
+    svc = services()
+    with svc.engine.begin() as conn:
+        user = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
+        if user is None:
+            raise ApiError(404, "user_not_found", "No such user")
+        key_ids = [row.id for row in conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.user_id == user_id))]
+        conn.execute(db.api_keys.delete().where(db.api_keys.c.user_id == user_id))
+        conn.execute(db.refresh_tokens.delete().where(db.refresh_tokens.c.user_id == user_id))
+        conn.execute(db.users.delete().where(db.users.c.id == user_id))
+        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(key_ids))
+    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=True)  # its JWTs die with it
+    for key_id in key_ids:
+        revoke_in_store(svc, key_id)
+    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(key_ids))
 
 
 @admin_bp.get("/admin/keys")
@@ -1206,7 +1230,23 @@ def add_cors_headers(response: Response, allowed_origins: list[str]) -> None:
     response.headers.extend(headers)
 
 
+# HTML pages: no framing, no MIME sniffing, no referrer leaks; scripts only from this origin
+# (the SDK demo page teaches with an inline script, so it alone allows one).
+PAGE_CSP = ("default-src 'self'; script-src 'self'{inline}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
+def add_security_headers(response: Response) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.mimetype == "text/html":
+        inline = " 'unsafe-inline'" if request.endpoint == "sdk.sdk_page" else ""
+        response.headers["Content-Security-Policy"] = PAGE_CSP.format(inline=inline)
+        response.headers.update(PAGE_HEADERS)
+
+
 def after_request(response: Response) -> Response:
+    add_security_headers(response)
     rate = g.get("rate_headers")
     if rate:  # appended, not set one by one: Headers.set/setdefault scan and raise per header (hot path)
         response.headers.extend(rate)
@@ -1262,7 +1302,7 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
                                  name="alert-writer"),
     )
     svc.events = EventBus(svc)
-    svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert))
+    svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert), clock=clock)
     return svc
 
 

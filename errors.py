@@ -27,6 +27,7 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     429: "rate_limit_exceeded",
     431: "headers_too_large",
+    500: "internal_error",
     503: "service_unavailable",
 }
 

@@ -387,12 +387,14 @@ FAILED_LOGIN = "failed_login"
 INVALID_KEY = "invalid_key"
 RATE_LIMITED = "rate_limited"
 IP_BAN = "ip_ban"
-ABUSE_KINDS: tuple[str, ...] = (FAILED_LOGIN, INVALID_KEY, RATE_LIMITED, IP_BAN)
+REGISTRATION_THROTTLED = "registration_throttled"
+ABUSE_KINDS: tuple[str, ...] = (FAILED_LOGIN, INVALID_KEY, RATE_LIMITED, IP_BAN, REGISTRATION_THROTTLED)
 ABUSE_DESCRIPTIONS: dict[str, str] = {
     FAILED_LOGIN: "possible credential stuffing",
     INVALID_KEY: "possible API key enumeration",
     RATE_LIMITED: "429 storm",
     IP_BAN: "repeated IP bans",
+    REGISTRATION_THROTTLED: "possible account farming",
 }
 DEFAULT_IP_BAN_THRESHOLD = 2
 
@@ -469,15 +471,18 @@ class AbuseDetector:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: Config, on_alert: Callable[[Alert], None] | None = None) -> AbuseDetector:
-        """Detector with the ABUSE_* thresholds; two IP bans in the window escalate."""
+    def from_config(cls, config: Config, on_alert: Callable[[Alert], None] | None = None, *,
+                    clock: Callable[[], float] = time.time) -> AbuseDetector:
+        """Detector with the ABUSE_* thresholds; two IP bans in the window escalate, and the first
+        refused registration burst from an address (account farming) is worth an alert."""
         thresholds = {
             FAILED_LOGIN: config.abuse_failed_logins,
             INVALID_KEY: config.abuse_invalid_keys,
             RATE_LIMITED: config.abuse_429_storm,
             IP_BAN: DEFAULT_IP_BAN_THRESHOLD,
+            REGISTRATION_THROTTLED: 1,
         }
-        return cls(window_seconds=config.abuse_window_seconds, thresholds=thresholds, on_alert=on_alert)
+        return cls(window_seconds=config.abuse_window_seconds, thresholds=thresholds, on_alert=on_alert, clock=clock)
 
     def record(self, kind: str, source: str, **details: Any) -> Alert | None:
         """Count one event; return the Alert if this event reached the threshold, else None."""

@@ -268,6 +268,8 @@ SCHEMAS: dict[str, Schema] = {
          "blocked_reason": nullable_string()})]}),
         "page": integer(minimum=1), "per_page": integer(minimum=1)}),
     "UserResult": obj({"user": ref("User")}),
+    "UserDeleted": obj({"user": {"allOf": [ref("User"), obj({"deleted": {"const": True}})]},
+                        "api_keys_deleted": integer(minimum=0)}),
     "KeyBlock": obj({"key": obj({"id": ID, "prefix": string(), "blocked": {"type": "boolean"}},
                                 {"name": string(), "reason": nullable_string()})}),
     "KeyRevoked": obj({"key": obj({"id": ID, "prefix": string(), "revoked": {"const": True},
@@ -394,6 +396,11 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/admin/revoke_key": {"post": {
         "tag": "admin", "summary": "Revoke an API key for good", "auth": "admin", "body": "SelectKey",
         "ok": (200, "KeyRevoked"), "errors": {404: ["key_not_found"]},
+    }},
+    "/admin/users/{user_id}": {"delete": {
+        "tag": "admin", "summary": "Delete a user with their keys and tokens", "auth": "admin",
+        "params": [{"name": "user_id", "in": "path", "required": True, "schema": integer(minimum=0, maximum=MAX_ID)}],
+        "ok": (200, "UserDeleted"), "errors": {404: ["user_not_found", "not_found"]},
     }},
     "/admin/bans": {"get": {"tag": "admin", "summary": "Active IP bans", "auth": "admin", "ok": (200, "Bans")}},
     "/admin/ban_ip": {"post": {"tag": "admin", "summary": "Ban an IP address", "auth": "admin", "body": "BanIp",

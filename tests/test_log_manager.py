@@ -358,7 +358,8 @@ def test_from_config_uses_the_abuse_settings():
     config = Config(abuse_window_seconds=30, abuse_failed_logins=4, abuse_invalid_keys=5, abuse_429_storm=6)
     abuse = AbuseDetector.from_config(config)
     assert abuse.window_seconds == 30
-    assert abuse.thresholds == {"failed_login": 4, "invalid_key": 5, "rate_limited": 6, "ip_ban": 2}
+    assert abuse.thresholds == {"failed_login": 4, "invalid_key": 5, "rate_limited": 6, "ip_ban": 2,
+                                "registration_throttled": 1}
 
 
 # --------------------------------------------------------------------------- BatchWriter

@@ -41,13 +41,18 @@ def bearer(token: str) -> dict[str, str]:
 ADMIN = bearer(ADMIN_TOKEN)
 
 
+def concrete(rule: str) -> str:
+    """A URL for a rule: converter placeholders (/admin/users/<int:user_id>) become 1."""
+    return re.sub(r"<[^>]+>", "1", rule)
+
+
 def admin_rules(app) -> list[tuple[str, str]]:
-    return sorted((rule.rule, method) for rule in app.url_map.iter_rules() if rule.endpoint.startswith("admin.")
-                  for method in rule.methods - {"HEAD", "OPTIONS"})
+    return sorted((concrete(rule.rule), method) for rule in app.url_map.iter_rules()
+                  if rule.endpoint.startswith("admin.") for method in rule.methods - {"HEAD", "OPTIONS"})
 
 
 def admin_paths(app) -> list[str]:
-    return sorted({rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith("admin.")})
+    return sorted({concrete(rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint.startswith("admin.")})
 
 
 def audit_count(app) -> int:
@@ -210,13 +215,17 @@ def test_tokens_of_a_deleted_user_are_refused(app, client, auth):
         assert response.status_code == 401, response.get_json()
 
 
-@pytest.mark.xfail(strict=True, reason="finding: /data trusts the cached u:<id> meta, so a deleted user's "
-                                       "access token keeps working until it expires (see report)")
-def test_access_token_of_a_deleted_user_is_refused_on_data(app, client, auth):
+def test_user_deleted_by_an_admin_is_refused_everywhere_at_once(client, auth):
     tokens = auth.register()
+    key = auth.create_key(tokens["access_token"])
     assert client.get("/data", headers=auth.bearer(tokens["access_token"])).status_code == 200
-    delete_user(app, tokens["user"]["id"])
+    assert client.get("/data", headers={"X-API-Key": key["api_key"]}).status_code == 200
+    deleted = client.delete(f"/admin/users/{tokens['user']['id']}", headers=auth.admin)
+    assert deleted.status_code == 200 and deleted.get_json()["api_keys_deleted"] == 1
     assert client.get("/data", headers=auth.bearer(tokens["access_token"])).status_code == 401
+    assert client.get("/data", headers={"X-API-Key": key["api_key"]}).status_code == 401
+    assert client.delete(f"/admin/users/{tokens['user']['id']}", headers=auth.admin).status_code == 404
+    assert client.get("/admin/audit", headers=auth.admin).get_json()["entries"][0]["action"] == "delete_user"
 
 
 def test_an_api_key_differing_in_one_character_is_invalid(client, auth):
@@ -442,8 +451,6 @@ def test_few_failed_logins_raise_no_alert(make_app, auth):
     assert client.get("/admin/alerts", headers=auth.admin).get_json()["alerts"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the registration throttle refuses with 429 but records no "
-                                       "abuse event, so account farming raises no alert (see report)")
 def test_registration_throttling_raises_an_alert(make_app, auth):
     client = make_app(register_per_ip_per_hour=2).test_client()
     farm = {"REMOTE_ADDR": "203.0.113.77"}
