@@ -42,6 +42,7 @@ MAX_BAN_US = 30 * DAY_US
 STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 FAIL_MODES = ("memory", "open", "closed")
 PROBE_FIRST_US, PROBE_MAX_US = 1 * US, 30 * US
+HEALTH_PROBE_US = 1 * US  # health() pings an up store at most this often
 CONNECT_TIMEOUT, OP_TIMEOUT = 0.5, 1.0
 
 
@@ -72,6 +73,11 @@ class RequestDecision(NamedTuple):
 
 class StoreUnavailable(Exception):
     """The shared store is down and fail_mode is "closed": the caller answers 503."""
+
+
+# What a store failure looks like: redis-py raises RedisError subclasses, the lean connection turns
+# socket errors, timeouts and unparsable replies into redis.ConnectionError; OSError is the backstop.
+STORE_ERRORS = (redis.RedisError, OSError)
 
 
 # Unique sorted-set members across threads, processes (fork) and hosts.
@@ -209,11 +215,15 @@ LUA_CHECK = string.Template("""
 local LIMITS, DEFAULT_LIMIT, WINDOW = $limits, $default_limit, $window
 local IP_LIMIT, IP_WINDOW, BAN_US, BAN_MULT, BAN_CAP = $ip_limit, $ip_window, $ban_us, $ban_multiplier, $ban_cap
 local now, nonce, ip = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+-- Flags are read before anything is counted: a flagged request (e.g. a revoked token) is refused by
+-- the caller, so the subject hit is skipped like a blocked subject's (the IP still counts).
+local flags, flagged = {}, false
+for i = 7, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[i]))
+  if v and v > now then flags[#flags + 1] = 1; flagged = true else flags[#flags + 1] = 0 end
+end
 local function finish(out)
-  for i = 7, #KEYS do
-    local v = tonumber(redis.call('GET', KEYS[i]))
-    out[#out + 1] = (v and v > now) and 1 or 0
-  end
+  for i = 1, #flags do out[#out + 1] = flags[i] end
   return out
 end
 local ip_code, bans = 0, 0
@@ -238,7 +248,7 @@ if ip ~= '' then
   end
 end
 if ARGV[4] ~= '1' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
-if blocked == 1 then return finish({ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit}) end
+if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0, limit}) end
 local r = $strategy(KEYS[6], now, limit, WINDOW, 1, 1, nonce)
 return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
 """)
@@ -246,8 +256,10 @@ return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
 # KEYS ban, history, index; ARGV now, ip, length_us, nonce
 LUA_BAN = "local n, u = start_ban(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[1]), tonumber(ARGV[3]), " \
     "0, 1, 0, ARGV[4]) return {n, u}"
-# KEYS ban, ip log, index; ARGV now, ip
+# KEYS ban, ip log, index, ban history; ARGV now, ip, replay ('1': an unban queued during an outage,
+# skipped when a ban started after it, e.g. one set through another worker in the meantime)
 LUA_UNBAN = """
+if ARGV[3] == '1' and redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[1], '+inf') > 0 then return 0 end
 local active = (tonumber(redis.call('GET', KEYS[1])) or 0) > tonumber(ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -522,12 +534,14 @@ class MemoryStore:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            out = self._check(keys, now, ip, has_subject, self.policy)
-            if len(keys) > 6:
-                out.extend(int((self._get(k, now) or 0) > now) for k in keys[6:])
-            return out
+            if len(keys) > 6:  # flags first, as in the script: a flagged request skips the subject hit
+                flags = [int((self._get(k, now) or 0) > now) for k in keys[6:]]
+                out = self._check(keys, now, ip, has_subject, self.policy, 1 in flags)
+                out.extend(flags)
+                return out
+            return self._check(keys, now, ip, has_subject, self.policy, False)
 
-    def _check(self, keys: list[str], now: int, ip: str, has_subject: bool, policy: Policy) -> list:
+    def _check(self, keys: list[str], now: int, ip: str, has_subject: bool, policy: Policy, flagged: bool) -> list:
         ip_code = bans = 0
         if ip:
             until = self._get(keys[0], now) or 0
@@ -547,8 +561,8 @@ class MemoryStore:
             return [3, until, n, 0, "", 0, 0, 0, 0, 0, 0]
         if not has_subject:
             return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0, 0]
-        if blocked:
-            return [ip_code, 0, bans, 3, tier, 1, 0, 0, 0, 0, limit]
+        if blocked or flagged:
+            return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0, limit]
         raw = self._apply(self.strategy, keys[5], now, limit, policy.window, 1, 1)
         return [ip_code, 0, bans, 2, tier, 0, *raw, limit]
 
@@ -572,8 +586,10 @@ class MemoryStore:
         with self._lock:
             return self._start_ban(ip, now, length, 0, 1.0, 0)
 
-    def unban(self, ip: str, now: int) -> bool:
+    def unban(self, ip: str, now: int, replay: bool = False) -> bool:
         with self._lock:
+            if replay and any(t > now for t in self._get(self.keys.ip(ip, "bans"), now) or ()):
+                return False
             active = (self._get(self.keys.ip(ip, "ban"), now) or 0) > now
             self._data.pop(self.keys.ip(ip, "ban"), None)
             self._data.pop(self.keys.ip(ip, "sw"), None)
@@ -638,8 +654,8 @@ class _RespConnection:
         try:
             self.sock.sendall(b"".join(parts))
             return self._read()
-        except OSError as exc:
-            raise redis.ConnectionError(f"Redis connection lost: {exc}") from exc
+        except (OSError, ValueError, TypeError) as exc:  # socket errors, timeouts, unparsable replies
+            raise redis.ConnectionError(f"Redis connection lost: {exc!r}") from exc
 
     def _read(self) -> Any:
         line = self.reader.readline()
@@ -650,12 +666,31 @@ class _RespConnection:
             return int(body)
         if kind == b"$":
             size = int(body)
-            return None if size < 0 else self.reader.read(size + 2)[:-2]
+            if size < 0:
+                return None
+            # On a timeout (SO_RCVTIMEO) or a close, read() returns None or fewer bytes.
+            data = self.reader.read(size + 2)
+            if data is None or len(data) != size + 2:
+                raise redis.ConnectionError("Redis reply cut short: timed out or connection closed")
+            return data[:-2]
         if kind == b"*":
             size = int(body)
-            return None if size < 0 else [self._read() for _ in range(size)]
+            if size < 0:
+                return None
+            out, error = [], None
+            for _ in range(size):  # read every element, so an error inside leaves the stream in step
+                try:
+                    out.append(self._read())
+                except redis.ResponseError as exc:
+                    error = error or exc
+                    out.append(None)
+            if error is not None:
+                raise error
+            return out
         if kind == b"+":
             return body
+        if kind != b"-":
+            raise redis.ConnectionError(f"Redis protocol error: unexpected reply type {kind!r}")
         if body.startswith(b"NOSCRIPT"):
             raise redis.exceptions.NoScriptError(body.decode(errors="replace"))
         raise redis.ResponseError(body.decode(errors="replace"))
@@ -700,8 +735,11 @@ class RedisStore:
             except OSError as exc:
                 raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
 
-    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA, loading the script on first use or after a NOSCRIPT (e.g. Redis restarted)."""
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any], size: int = -1) -> Any:
+        """EVALSHA, loading the script on first use or after a NOSCRIPT (e.g. Redis restarted).
+
+        ``size`` >= 0: the reply must be a list of that length (else ResponseError).
+        """
         conn = self._conn()
         try:
             sha = self._sha.get(name) or self._load(conn, name)
@@ -709,7 +747,26 @@ class RedisStore:
                 reply = conn.call(b"EVALSHA", sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 reply = conn.call(b"EVALSHA", self._load(conn, name), len(keys), *keys, *args)
-        except redis.ConnectionError:
+        except redis.ResponseError:  # a whole error reply was read: the connection is in step
+            self._idle.append(conn)
+            raise
+        except BaseException:  # anything else may leave a reply half read: never reuse the connection
+            conn.close()
+            raise
+        self._idle.append(conn)
+        if size >= 0 and (type(reply) is not list or len(reply) != size):
+            raise redis.ResponseError(f"unexpected reply to the {name} script: {reply!r:.80}")
+        return reply
+
+    def _run(self, fn: Callable[[_RespConnection], Any]) -> Any:
+        """``fn(conn)`` on a pooled connection, pooled again only if it is still in step."""
+        conn = self._conn()
+        try:
+            reply = fn(conn)
+        except redis.ResponseError:
+            self._idle.append(conn)
+            raise
+        except BaseException:
             conn.close()
             raise
         self._idle.append(conn)
@@ -720,22 +777,28 @@ class RedisStore:
         return sha
 
     def ping(self) -> None:
-        conn = self._conn()
-        try:
+        """PING and (re)load the scripts: the probe before using the store (again)."""
+        def probe(conn: _RespConnection) -> None:
             conn.call(b"PING")
             for name in self._scripts:
                 self._load(conn, name)
-        except redis.ConnectionError:
-            conn.close()
-            raise
-        self._idle.append(conn)
+
+        self._run(probe)
+
+    def alive(self) -> None:
+        """A bare PING (the health check of a store believed up)."""
+        if self._run(lambda conn: conn.call(b"PING")) != b"PONG":
+            raise redis.ResponseError("unexpected reply to PING")
 
     def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> list:
-        return self._eval("hit", (key,), (now, limit, window, cost, record, _nonce()))
+        return self._eval("hit", (key,), (now, limit, window, cost, record, _nonce()), 4)
 
     def check(self, keys: list[str], now: int, ip: str, has_subject: bool) -> list:
-        out = self._eval("check", keys, (now, _nonce(), ip, "1" if has_subject else "0"))
-        out[4] = out[4].decode()
+        out = self._eval("check", keys, (now, _nonce(), ip, "1" if has_subject else "0"), len(keys) + 5)
+        tier = out[4]
+        if type(tier) is not bytes:
+            raise redis.ResponseError(f"unexpected tier in the check reply: {tier!r:.80}")
+        out[4] = tier.decode()
         return out
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
@@ -754,12 +817,12 @@ class RedisStore:
 
     def ban(self, ip: str, now: int, length: int, nonce: str) -> tuple[int, int]:
         keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "bans"), self.keys.ban_index)
-        n, until = self._eval("ban", keys, (now, ip, length, nonce))
+        n, until = self._eval("ban", keys, (now, ip, length, nonce), 2)
         return n, until
 
-    def unban(self, ip: str, now: int) -> bool:
-        keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "sw"), self.keys.ban_index)
-        return bool(self._eval("unban", keys, (now, ip)))
+    def unban(self, ip: str, now: int, replay: bool = False) -> bool:
+        keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "sw"), self.keys.ban_index, self.keys.ip(ip, "bans"))
+        return bool(self._eval("unban", keys, (now, ip, "1" if replay else "0")))
 
     def bans(self, now: int) -> list[tuple[str, int, int]]:
         self._client.zremrangebyscore(self.keys.ban_index, "-inf", now)
@@ -788,12 +851,21 @@ class RedisStore:
 
 # --------------------------------------------------------------------------- the limiter
 
+_REPLAYED = frozenset(("set_meta", "delete_meta", "set_flag", "ban", "unban"))  # writes queued while down
+
+
 class RateLimiter:
     """Rate limiter with IP bans, subject meta and flags over a memory or Redis store.
 
     When Redis is unreachable, ``fail_mode`` decides: "memory" falls back to a per-process
     store and re-probes with backoff, "open" admits everything (answers from the fallback
-    store for meta and flags), "closed" raises StoreUnavailable. No redis exception escapes.
+    store for meta and flags), "closed" raises StoreUnavailable. No store error escapes.
+
+    Writes made while Redis is unreachable are queued (latest per key) and replayed when it
+    answers again: flags and bans as they were made, an unban only if no ban started after it,
+    and meta writes as deletes. Meta is a cache of the app's database: replaying a fill made
+    during the outage could overwrite a newer change made through another worker, whereas a
+    delete makes the next request report ``meta_missing`` and reload it.
     """
 
     def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
@@ -824,13 +896,14 @@ class RateLimiter:
         self._probe_delay = PROBE_FIRST_US
         self._next_probe = 0
         self._pending: dict[str, tuple[str, tuple]] = {}  # writes made while down, replayed on recovery
-        self._state_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # guards _down, the probe times and _pending
+        self._health_at = -2 * HEALTH_PROBE_US  # clock time of health()'s last PING of an up store
         if storage_url.startswith("memory://"):
             return
         self._store = RedisStore(storage_url, self.keys, self.strategy, self.policy)
         try:
             self._store.ping()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._mark_down(exc, self._now())
 
     @classmethod
@@ -867,42 +940,86 @@ class RateLimiter:
             self._next_probe = now + PROBE_MAX_US  # one prober at a time
         try:
             self._store.ping()
-            self._replay_pending()
-        except redis.RedisError:
+            while True:  # writes queued while replaying are replayed before the store counts as up
+                with self._state_lock:
+                    batch, self._pending = self._pending, {}
+                    if not batch:
+                        self._down = False
+                        self._fallback.reset()
+                        break
+                self._replay(batch)
+        except STORE_ERRORS:
             with self._state_lock:
                 self._probe_delay = min(self._probe_delay * 2, PROBE_MAX_US)
                 self._next_probe = now + self._probe_delay
             return False
-        with self._state_lock:
-            self._down = False
-            self._fallback.reset()
         log.warning("rate-limit store reachable again; shared limits restored")
         return True
 
-    def _replay_pending(self) -> None:
-        for op, args in list(self._pending.values()):
-            getattr(self._store, op)(*args)
-        self._pending.clear()
+    def _replay(self, batch: dict[str, tuple[str, tuple]]) -> None:
+        """Apply queued writes in order; on failure re-queue the rest (newer writes to a key win)."""
+        items = list(batch.items())
+        for i, (_, (op, args)) in enumerate(items):
+            try:
+                getattr(self._store, op)(*args)
+            except BaseException:
+                with self._state_lock:
+                    rest = {key: entry for key, entry in items[i:] if key not in self._pending}
+                    rest.update(self._pending)
+                    self._pending = rest
+                raise
+
+    def _queue(self, op: str, args: tuple) -> bool:
+        """Queue a write made while down for replay; False if the store is up again (write through)."""
+        if op == "set_meta":  # a cache fill may be stale by recovery: replay it as a delete (reload)
+            entry = ("delete_meta", args[:2])
+        elif op == "unban":
+            entry = ("unban", (*args, True))
+        else:
+            entry = (op, args)
+        with self._state_lock:
+            if not self._down:
+                return False
+            if len(self._pending) < 100_000 or args[0] in self._pending:
+                self._pending.pop(args[0], None)  # the latest write per key wins, in order
+                self._pending[args[0]] = entry
+            return True
 
     def _exec(self, op: str, *args: Any) -> tuple[Any, bool]:
         """Run ``op`` on the store: (raw, degraded). Falls back, or raises StoreUnavailable."""
-        if not self._down or self._try_recover(self._now()):
-            try:
-                return getattr(self._store, op)(*args), False
-            except redis.RedisError as exc:
-                self._mark_down(exc, self._now())
-        if self.fail_mode == "closed":
-            raise StoreUnavailable("rate-limit store is unreachable")
-        if op in ("set_meta", "delete_meta", "set_flag", "ban", "unban") and len(self._pending) < 100_000:
-            self._pending.pop(args[0], None)  # the latest write per key wins, in order
-            self._pending[args[0]] = (op, args)
+        for _ in range(2):
+            if not self._down or self._try_recover(self._now()):
+                try:
+                    return getattr(self._store, op)(*args), False
+                except STORE_ERRORS as exc:
+                    self._mark_down(exc, self._now())
+            if self.fail_mode == "closed":
+                raise StoreUnavailable("rate-limit store is unreachable")
+            if op not in _REPLAYED or self._queue(op, args):
+                break
         if op == "check" and self.fail_mode == "open":
             args = (args[0], args[1], "", args[3])  # open: no IP counting; meta and flags from the fallback
         return getattr(self._fallback, op)(*args), True
 
     def health(self) -> str:
-        """"ok", or "degraded" while the shared store is unreachable (re-probes when due)."""
-        if self._down and not self._try_recover(self._now()):
+        """"ok", or "degraded" while the shared store is unreachable.
+
+        Down: re-probes when the backoff allows. Up: PINGs Redis at most once per second of the
+        clock (cheap enough to poll), so an idle instance notices an outage too.
+        """
+        now = self._now()
+        if self._down:
+            return "ok" if self._try_recover(now) else "degraded"
+        if self._store is self._fallback or 0 <= now - self._health_at < HEALTH_PROBE_US:
+            return "ok"  # (a clock set back re-probes at once)
+        with self._state_lock:  # one prober; the others answer from the last probe
+            if self._down or 0 <= now - self._health_at < HEALTH_PROBE_US:
+                return "degraded" if self._down else "ok"
+            self._health_at = now
+        try:
+            self._store.alive()
+        except STORE_ERRORS as exc:
+            self._mark_down(exc, now)
             return "degraded"
         return "ok"
 
@@ -916,7 +1033,7 @@ class RateLimiter:
         if not self._down:  # fast path: no tuple packing, no getattr
             try:
                 return self.strategy.result(self._store.hit(key, now, limit, win, cost, record), now, limit, win, cost)
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
         raw, degraded = self._exec("hit", key, now, limit, win, cost, record)
         if degraded and self.fail_mode == "open":
@@ -946,7 +1063,7 @@ class RateLimiter:
         if not self._down:  # fast path, as in _limit
             try:
                 return self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
         raw, degraded = self._exec("check", keys, now, ip or "", has_subject)
         return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
@@ -1006,13 +1123,13 @@ class RateLimiter:
         if self._store is not self._fallback:
             try:
                 self._store.reset()
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 log.warning("reset could not reach Redis: %s", exc)
 
     def close(self) -> None:
         """Close connections; the limiter must not be used afterwards."""
         try:
             self._store.close()
-        except redis.RedisError:
+        except STORE_ERRORS:
             pass
         self._fallback.close()

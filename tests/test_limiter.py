@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import limiter as limiter_module  # noqa: E402
 from limiter import (  # noqa: E402
     STRATEGIES,
     LimitResult,
@@ -317,6 +319,25 @@ def test_flags_are_reported_and_expire(make, clock):
     clock.advance(30)
     assert not rl.has_flag("revoked:abc")
     assert rl.check_request(None, "k1", flags=["revoked:abc"]).flags == {"revoked:abc": False}
+
+
+def test_a_set_flag_refuses_without_counting_the_subject(make, clock):
+    # A revoked JWT is refused (401) by the app: its request must not consume the user's quota.
+    rl = make(ip_limit=3)
+    rl.set_meta("u1", tier="free", blocked=False)
+    rl.set_flag("revoked:abc", ttl=30)
+    for _ in range(8):
+        d = rl.check_request(None, "u1", flags=["revoked:abc", "revoked:xyz"])
+        assert d.result is None and d.flags == {"revoked:abc": True, "revoked:xyz": False}
+        assert d.tier == "free" and not d.blocked and not d.meta_missing
+    ok = rl.check_request("5.5.5.5", "u1", flags=["revoked:xyz"])
+    assert ok.result.allowed and ok.result.remaining == 4, "flagged requests were counted against the subject"
+    flagged = rl.check_request("5.5.5.5", "u1", flags=["revoked:abc"])
+    assert flagged.result is None and flagged.ip.allowed
+    over = rl.check_request("5.5.5.5", "u1", flags=["revoked:abc"])
+    assert over.result is None and over.ip.allowed, "the IP still counts: three requests so far"
+    assert rl.check_request("5.5.5.5", "u1", flags=["revoked:abc"]).ip.banned, "flagged requests count for the IP"
+    assert rl.peek("u1", 5).remaining == 4
 
 
 def test_delete_meta_makes_meta_missing_again(make):
@@ -618,3 +639,259 @@ def test_real_redis_outage_under_load_then_exact_again():
     finally:
         rl.reset()
         rl.close()
+
+
+# --------------------------------------------------------------------------- outage replay, health, RESP
+
+def _outage(rl: RateLimiter, on: bool, saved: dict) -> None:
+    """Make this limiter's Redis store fail (or work again) without touching the shared server."""
+    import redis
+
+    def down(*args, **kwargs):
+        raise redis.ConnectionError("simulated outage")
+
+    for op in ("check", "hit", "set_meta", "delete_meta", "set_flag", "has_flag", "ban", "unban", "bans", "ping"):
+        if on:
+            saved[(id(rl), op)] = getattr(rl._store, op)
+            setattr(rl._store, op, down)
+        else:
+            setattr(rl._store, op, saved.pop((id(rl), op)))
+
+
+def test_cache_fill_during_an_outage_is_replayed_as_a_delete_not_a_stale_write(clock):
+    require_redis()
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    a, b = (RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=prefix) for _ in range(2))
+    saved: dict = {}
+    try:
+        a.set_meta("k:1", tier="free", blocked=False)
+        _outage(a, True, saved)
+        _outage(b, True, saved)
+        assert b.check_request(None, "k:1").meta_missing  # B's fallback is empty: the app loads from its DB
+        b.set_meta("k:1", tier="free", blocked=False)  # ... and fills the cache (stale a moment later)
+        a.check_request(None, "k:1")
+        _outage(a, False, saved)
+        _outage(b, False, saved)
+        clock.advance(2)
+        a.check_request(None, "k:1")  # A recovers first
+        a.set_meta("k:1", tier="free", blocked=True)  # an admin blocks the key through A (DB updated too)
+        assert a.check_request(None, "k:1").blocked
+        clock.advance(1)
+        b.check_request(None, "k:1")  # B recovers and replays what it queued
+        after = a.check_request(None, "k:1")
+        assert not (after.tier and not after.blocked), "B's stale cache fill unblocked the key again"
+        assert after.meta_missing, "the replay should drop the entry so the next request reloads it"
+    finally:
+        for rl in (a, b):
+            rl.reset()
+            rl.close()
+
+
+def test_writes_queued_while_replaying_are_not_lost(clock):
+    client = require_redis()
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    rl = RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=prefix)
+    saved: dict = {}
+    try:
+        _outage(rl, True, saved)
+        rl.set_flag("first", 60)
+        _outage(rl, False, saved)
+        real_set_flag = rl._store.set_flag
+
+        def set_flag_and_race(key, now, ttl_us):
+            real_set_flag(key, now, ttl_us)
+            if key.endswith("first}"):  # another request writes while the replay runs
+                rl.set_flag("second", 60)
+
+        rl._store.set_flag = set_flag_and_race
+        clock.advance(1)
+        assert rl.health() == "ok"
+        assert client.exists(f"{prefix}:{{f:first}}")
+        assert client.exists(f"{prefix}:{{f:second}}"), "a write queued during the replay was dropped"
+        assert rl._pending == {}
+    finally:
+        rl.reset()
+        rl.close()
+
+
+def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)  # waiting for a server to start, not for a window
+        rl = RateLimiter(f"redis://127.0.0.1:{port}/0", tier_limits=TIERS, clock=clock, fail_mode="memory")
+        assert rl.health() == "ok"
+        probes = []
+        real_probe = rl._store.alive
+        rl._store.alive = lambda: (probes.append(1), real_probe())[1]
+        clock.advance(1)
+        assert [rl.health() for _ in range(50)] == ["ok"] * 50
+        assert len(probes) == 1, "health() must cache its probe for a second"
+        server.terminate()
+        server.wait(timeout=10)
+        assert rl.health() == "ok", "within the second the cached answer stands"
+        clock.advance(1)
+        assert rl.health() == "degraded", "an idle limiter must notice that Redis is gone"
+        assert rl._down
+        rl.close()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+class FakeRedis:
+    """A loopback RESP server: PING and SCRIPT LOAD answer properly, EVALSHA gets ``reply`` (then ``close``)."""
+
+    def __init__(self, reply: bytes, close: bool = False) -> None:
+        self.reply, self.close_after = reply, close
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        try:
+            while line := reader.readline():
+                args = []
+                for _ in range(int(line[1:])):
+                    size = int(reader.readline()[1:])
+                    args.append(reader.read(size + 2)[:-2])
+                if args[0].upper() == b"PING":
+                    conn.sendall(b"+PONG\r\n")
+                elif args[0].upper() == b"SCRIPT":
+                    conn.sendall(b"$40\r\n" + b"0" * 40 + b"\r\n")
+                else:
+                    conn.sendall(self.reply)
+                    if self.close_after:
+                        conn.shutdown(socket.SHUT_RDWR)
+                        return
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.server.close()
+        for conn in self.conns:
+            conn.close()
+
+
+BAD_REPLIES = {
+    "bulk cut by a timeout": (b"$10\r\nabc", False),
+    "bulk cut by a close": (b"$10\r\nabc", True),
+    "line cut by a timeout": (b"*4\r\n:1\r\n:2", False),
+    "array cut by a close": (b"*4\r\n:1\r\n", True),
+    "bad length": (b"$x\r\n", False),
+    "unknown type byte": (b"?what\r\n", False),
+    "integer instead of a table": (b":1\r\n", False),
+    "short table": (b"*2\r\n:1\r\n:2\r\n", False),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REPLIES))
+@pytest.mark.parametrize("fail_mode", ["memory", "closed"])
+def test_broken_replies_never_escape_and_drop_the_connection(clock, monkeypatch, case, fail_mode):
+    monkeypatch.setattr(limiter_module, "OP_TIMEOUT", 0.2)
+    reply, close = BAD_REPLIES[case]
+    fake = FakeRedis(reply, close)
+    rl = RateLimiter(f"redis://127.0.0.1:{fake.port}/0", tier_limits=TIERS, clock=clock, fail_mode=fail_mode)
+    try:
+        assert rl.health() == "ok" and not rl._down
+        if fail_mode == "closed":
+            with pytest.raises(StoreUnavailable):
+                rl.hit("a", 2)
+            with pytest.raises(StoreUnavailable):
+                rl.check_request("1.2.3.4", "k")
+        else:
+            assert rl.hit("a", 2).allowed
+            assert rl.check_request("1.2.3.4", "k").meta_missing
+        assert rl._down
+        if case not in ("integer instead of a table", "short table"):  # complete replies leave it in step
+            assert rl._store._idle == [], "a connection out of step went back to the pool"
+    finally:
+        rl.close()
+        fake.stop()
+
+
+def test_resp_read_raises_connection_error_on_a_short_bulk(monkeypatch):
+    import redis
+
+    monkeypatch.setattr(limiter_module, "OP_TIMEOUT", 0.2)
+    fake = FakeRedis(b"$10\r\nabc")
+    conn = limiter_module._RespConnection({"host": "127.0.0.1", "port": fake.port})
+    try:
+        with pytest.raises(redis.ConnectionError):
+            conn.call(b"GET", b"x")
+    finally:
+        conn.close()
+        fake.stop()
+
+
+def test_a_script_error_returns_the_connection_to_the_pool(clock):
+    import redis
+
+    require_redis()
+    rl = RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=f"t{uuid.uuid4().hex[:10]}")
+    store = rl._store
+    try:
+        store._scripts["boom"] = "return redis.error_reply('ERR boom')"
+        store.close()
+        with pytest.raises(redis.ResponseError, match="boom"):
+            store._eval("boom", (), ())
+        assert len(store._idle) == 1, "the connection leaked (neither pooled nor closed)"
+        assert store._idle[0].call(b"PING") == b"PONG", "the pooled connection is out of step"
+        with pytest.raises(redis.ResponseError, match="boom"):
+            store._eval("boom", (), ())
+        assert len(store._idle) == 1
+        nested = "return {1, redis.error_reply('ERR nested'), 3}"
+        store._scripts["nested"] = nested
+        with pytest.raises(redis.ResponseError, match="nested"):
+            store._eval("nested", (), ())
+        assert store._idle[-1].call(b"PING") == b"PONG", "an error inside an array left the rest unread"
+        assert rl.hit("a", 2).allowed and not rl._down
+    finally:
+        rl.reset()
+        rl.close()
+
+
+def test_unban_replayed_after_recovery_does_not_lift_a_newer_ban(clock):
+    require_redis()
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    a, b = (RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=prefix) for _ in range(2))
+    saved: dict = {}
+    try:
+        a.ban_ip("6.6.6.6", 100)
+        _outage(b, True, saved)
+        b.unban_ip("6.6.6.6")  # queued while B cannot reach Redis
+        _outage(b, False, saved)
+        clock.advance(1)
+        a.ban_ip("6.6.6.6", 100)  # a newer ban through A
+        clock.advance(1)
+        assert b.health() == "ok"  # B recovers and replays its unban
+        assert a.check_request("6.6.6.6", None).ip.banned, "a stale unban lifted a newer ban"
+        a.unban_ip("6.6.6.6")
+        assert not a.check_request("6.6.6.6", None).ip.banned
+    finally:
+        for rl in (a, b):
+            rl.reset()
+            rl.close()
