@@ -58,6 +58,7 @@ STREAM_CHUNK = 64 * 1024
 STREAM_HIGH_WATER = 1024 * 1024  # pause reading a backend when this much body waits for a slow client
 MAX_HEAD_BYTES = 64 * 1024
 FRAMING_HEADERS = frozenset({"connection", "content-length", "transfer-encoding"})
+BODY_FRAMING = frozenset({"content-length", "transfer-encoding"})  # never removable via Connection tokens
 
 
 # --------------------------------------------------------------------------- errors
@@ -79,6 +80,12 @@ class BadRequest(LBError):
     """The client sent something the balancer cannot act on."""
 
     status, code = 400, "bad_request"
+
+
+class ClientGone(LBError):
+    """The client disconnected before the balancer could answer; nobody will read the reply."""
+
+    status, code = 499, "client_closed_request"
 
 
 class NoHealthyBackends(LBError):
@@ -752,7 +759,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing = ""
         self._remaining = 0
         self._keep_alive = False
-        self._done = False
+        self._done = True  # no request in flight: any byte the backend sends now is unsolicited
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -763,6 +770,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._done:  # no request in flight: never let these bytes become the next client's response
+            log.debug("closing a backend connection that sent %d unsolicited bytes", len(data))
+            self._buf.clear()
+            self.close()
+            return
         self._buf += data
         try:
             self._process()
@@ -795,9 +807,16 @@ class UpstreamConnection(asyncio.Protocol):
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
+    @property
+    def idle_clean(self) -> bool:
+        """Open, nothing in flight and nothing buffered: safe to carry a new request."""
+        return self._done and not self._buf and self.usable
+
     def start(self, head: bytes, head_request: bool) -> None:
         """Send the request head and get ready to parse the response."""
-        assert self.transport is not None
+        if not self.idle_clean:
+            self.close()
+            raise UpstreamError("backend connection is not clean to reuse", sent=False)
         self._head_request = head_request
         self._head_waiter = asyncio.get_running_loop().create_future()
         self._response = None
@@ -849,6 +868,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.cancel()  # abandoned mid-request: nobody will await the response any more
         if self.transport is not None:
             self.transport.close()
 
@@ -894,7 +916,7 @@ class UpstreamConnection(asyncio.Protocol):
                 headers.append((name, value))
                 lower = name.lower()
                 if lower in FRAMING_HEADERS:
-                    fields[lower] = value
+                    fields[lower] = f"{fields[lower]}, {value}" if lower in fields else value
             self._begin(UpstreamResponse(self, status, reason, headers), version, fields)
             return True
 
@@ -902,17 +924,33 @@ class UpstreamConnection(asyncio.Protocol):
         """Decide how the body is framed and whether to hand over the head now or with the body."""
         self._response = response
         response.connection = fields.get("connection")
-        if "content-length" in fields:
-            response.content_length = int(fields["content-length"])
-            if response.content_length < 0:
-                raise ValueError("negative Content-Length")
         connection = fields.get("connection", "").lower()
         self._keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+        length = fields.get("content-length")
+        if length is not None:
+            if "," in length:  # repeated Content-Length: tolerable only if every value agrees, never kept alive
+                values = {v.strip() for v in length.split(",")}
+                if len(values) != 1:
+                    raise ValueError(f"conflicting Content-Length values {length!r}")
+                length = values.pop()
+                self._keep_alive = False
+            if not (length.isascii() and length.isdigit()):
+                raise ValueError(f"invalid Content-Length {length!r}")
+            response.content_length = int(length)
+        te = fields.get("transfer-encoding")
+        if te is not None:  # it overrides Content-Length; having both smells of smuggling, so do not reuse
+            response.content_length = None
+            if length is not None:
+                self._keep_alive = False
         if self._head_request or response.status in (204, 304):
             self._framing = "none"
-        elif "chunked" in fields.get("transfer-encoding", "").lower():
-            self._framing = "chunked"
-        elif "content-length" in fields:
+        elif te is not None:
+            if te.rsplit(",", 1)[-1].strip().lower() == "chunked":
+                self._framing = "chunked"
+            else:  # a final coding other than chunked: the body runs until the backend closes
+                self._framing = "close"
+                self._keep_alive = False
+        elif length is not None:
             self._framing = "length"
             self._remaining = response.content_length
         else:
@@ -1011,7 +1049,7 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         while idle:
             conn = idle.pop()
-            if conn.usable and loop.time() - conn.idle_since < self.idle_seconds:
+            if conn.idle_clean and loop.time() - conn.idle_since < self.idle_seconds:
                 return conn
             conn.close()
         tls = ssl.create_default_context() if backend.tls else None
@@ -1069,9 +1107,17 @@ class RequestBody:
         return self.present and self.request.content_length is None
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body pieces; never more or fewer bytes than the Content-Length sent upstream."""
         self.started = True
+        expected = self.request.content_length
+        seen = 0
         async for chunk in self.request.content.iter_chunked(STREAM_CHUNK):
+            seen += len(chunk)
+            if expected is not None and seen > expected:
+                raise BadRequest(f"request body is longer than its Content-Length ({expected})")
             yield chunk
+        if expected is not None and seen != expected:
+            raise ClientGone(f"request body ended after {seen} of {expected} bytes")
 
 
 class Balancer:
@@ -1126,8 +1172,19 @@ class Balancer:
 BALANCER = web.AppKey("balancer", Balancer)
 
 
+def check_framing(request: web.Request) -> None:
+    """Refuse a body whose length is ambiguous (aiohttp's parser already does; this is a second line)."""
+    headers = request.headers
+    if "Content-Length" in headers and ("Transfer-Encoding" in headers or len(headers.getall("Content-Length")) > 1):
+        raise BadRequest("conflicting Content-Length / Transfer-Encoding headers")
+
+
 def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes:
-    """The upstream request line and headers: hop-by-hop ones dropped, X-Forwarded-* added."""
+    """The upstream request line and headers: hop-by-hop and framing ones dropped, X-Forwarded-* added.
+
+    The body framing is always written here (Content-Length of what will be sent, or chunked), never
+    copied from the client, so nothing the client puts in ``Connection`` can leave a body unframed.
+    """
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     peer = request.remote or "unknown"
     lines = [f"{request.method} {backend.prefix}{request.raw_path} HTTP/1.1", f"Host: {backend.netloc}"]
@@ -1137,19 +1194,21 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     lines.append(f"X-Forwarded-Host: {request.host}")
     if chunked:
         lines.append("Transfer-Encoding: chunked")
+    elif request.content_length is not None:
+        lines.append(f"Content-Length: {request.content_length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-REQUEST_DROP = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # aiohttp frames the body it sends
 
 
 def filter_headers(
     items: Iterable[tuple[str, str]], connection: str | None, drop: frozenset[str] = REQUEST_DROP
 ) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers, those named in Connection, and the ones the proxy sets itself."""
+    """Drop hop-by-hop headers, those named in Connection (framing ones excepted), and those the proxy sets."""
     if connection:
-        drop = drop | {t.strip().lower() for t in connection.split(",")}
+        drop = drop | ({t.strip().lower() for t in connection.split(",")} - BODY_FRAMING)
     return [(k, v) for k, v in items if k.lower() not in drop]
 
 
@@ -1163,6 +1222,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """Forward to a chosen backend, retrying elsewhere while that is still safe."""
     lb = request.app[BALANCER]
     lb.total_requests += 1
+    check_framing(request)
     cache_mode = lb.cache.request_mode(request) if lb.config.cache.enabled else "bypass"
     cache_key = lb.cache.key(request) if cache_mode != "bypass" else None
     if cache_mode == "use" and cache_key is not None:
@@ -1203,7 +1263,7 @@ async def forward(
     backend.active += 1
     backend.total_requests += 1
     started = lb.clock()
-    conn: UpstreamConnection | None = None
+    conn: UpstreamConnection | None = None  # owned here until released or handed to stream()
     try:
         try:
             conn = await lb.upstream.acquire(backend)
@@ -1212,9 +1272,10 @@ async def forward(
                 await conn.send_body(body.chunks(), body.chunked)
             upstream = await conn.response(lb.config.read_timeout)
         except UpstreamError as exc:
-            if conn is not None:
-                conn.close()
             raise failed(lb, backend, exc) from exc
+        except ConnectionError as exc:  # only reading the client's body raises this: the client is gone
+            log.info("client went away while sending its body for %s: %s", backend.url, exc)
+            raise ClientGone(f"client disconnected while sending its body ({exc})") from None
         backend.observe_latency((lb.clock() - started) * 1000, lb.clock(), lb.config.adaptive_decay_seconds)
         if upstream.status >= 500:
             backend.failures += 1
@@ -1222,12 +1283,18 @@ async def forward(
             lb.pool.record_success(backend)
         headers = response_headers(upstream, backend)
         if upstream.body is None or request.method == "HEAD":
+            conn = None  # stream() releases or closes it
             return await stream(request, lb, backend, upstream, headers)
         if cache_key is not None:
             headers["X-Cache"] = "MISS"
             lb.cache.put(cache_key, upstream.status, headers, upstream.body, backend.url)
         lb.upstream.release(backend, conn)
+        conn = None
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=upstream.body)
+    except BaseException:
+        if conn is not None:  # never leave a half-used connection open (or, worse, in the pool)
+            conn.close()
+        raise
     finally:
         backend.active -= 1
 
@@ -1245,8 +1312,8 @@ async def stream(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         async for chunk in upstream.chunks(lb.config.read_timeout):
             await response.write(chunk)
     except UpstreamError as exc:
@@ -1258,6 +1325,9 @@ async def stream(
         log.info("client went away while streaming from %s", backend.url)
         abort(request, upstream.conn)
         return response
+    except BaseException:
+        upstream.conn.close()
+        raise
     lb.upstream.release(backend, upstream.conn)
     await response.write_eof()
     return response

@@ -851,3 +851,241 @@ async def test_backend_url_path_is_a_prefix_for_proxied_paths(backends: list[str
     async with running_lb(make_config([backends[0] + "/mounted"], checks=False)) as h:
         _, _, echo = await h.get("/items?x=1")
     assert echo["path"] == "/mounted/items" and echo["query"] == {"x": ["1"]}
+
+
+# --------------------------------------------------------------------------- framing and connection hygiene
+
+
+async def raw_exchange(url: str, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the balancer and read until it closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def framing_lines(head: bytes) -> list[bytes]:
+    """The Content-Length and Transfer-Encoding lines of a request head, lower-cased."""
+    return [
+        line for line in head.lower().split(b"\r\n") if line.startswith((b"content-length:", b"transfer-encoding:"))
+    ]
+
+
+class RecordingBackend:
+    """A keep-alive backend that frames request bodies by Content-Length and records what it parsed."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.open = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            while True:
+                head = await read_head(reader)
+                self.heads.append(head)
+                fields = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:] if b":" in line)
+                length = int(fields.get(b"content-length", b"0"))
+                self.bodies.append(await reader.readexactly(length))
+                reply = b"resp-for " + head.split(b"\r\n")[0]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(reply), reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    @property
+    def request_lines(self) -> list[bytes]:
+        return [head.split(b"\r\n")[0] for head in self.heads]
+
+
+@async_test
+async def test_connection_header_cannot_strip_content_length_to_smuggle_a_request() -> None:
+    backend = RecordingBackend()
+    smuggled = b"GET /admin/secret HTTP/1.1\r\nHost: b\r\n\r\n"
+    attack = (
+        b"POST /public HTTP/1.1\r\nHost: lb\r\nConnection: keep-alive, Content-Length, Transfer-Encoding\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(smuggled), smuggled)
+    )
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        attacker = await raw_exchange(h.url, attack.replace(b"keep-alive", b"close"))
+        victim = await raw_exchange(h.url, b"GET /victim HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+    assert attacker.endswith(b"resp-for POST /public HTTP/1.1")
+    assert victim.endswith(b"resp-for GET /victim HTTP/1.1")
+    assert backend.request_lines == [b"POST /public HTTP/1.1", b"GET /victim HTTP/1.1"]
+    assert backend.bodies[0] == smuggled
+    assert framing_lines(backend.heads[0]) == [b"content-length: %d" % len(smuggled)]
+
+
+@async_test
+async def test_upload_of_unknown_length_is_sent_chunked_with_one_framing_header() -> None:
+    heads: list[bytes] = []
+
+    async def chunked_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_head(reader))
+        body = b""
+        while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) > 0:
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readuntil(b"\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    request = (
+        b"PUT /up HTTP/1.1\r\nHost: lb\r\nConnection: close, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+    )
+    async with raw_backend(chunked_echo) as url, running_lb(make_config([url], checks=False)) as h:
+        answer = await raw_exchange(h.url, request)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nabcdefg")
+    assert framing_lines(heads[0]) == [b"transfer-encoding: chunked"]
+
+
+@async_test
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"Content-Length: 5, 6\r\n",
+    ],
+)
+async def test_ambiguous_request_framing_is_rejected_before_reaching_a_backend(framing: bytes) -> None:
+    backend = RecordingBackend()
+    request = b"POST /x HTTP/1.1\r\nHost: lb\r\n" + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        answer = await raw_exchange(h.url, request)
+    assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request")
+    assert backend.heads == []
+
+
+def test_framing_check_rejects_what_a_lenient_parser_might_let_through() -> None:
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    from load_balancer import BadRequest, check_framing
+
+    for headers in (
+        [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
+        [("Content-Length", "5"), ("Content-Length", "6")],
+        [("Content-Length", "5"), ("Content-Length", "5")],
+    ):
+        with pytest.raises(BadRequest):
+            check_framing(make_mocked_request("POST", "/", headers=CIMultiDict(headers)))
+    check_framing(make_mocked_request("POST", "/", headers=CIMultiDict([("Content-Length", "5")])))
+    check_framing(make_mocked_request("GET", "/"))
+
+
+@async_test
+@pytest.mark.parametrize("gap", [0.0, 0.05], ids=["same-packet", "later"])
+async def test_unsolicited_bytes_from_a_backend_never_reach_the_next_client(gap: float) -> None:
+    connections = 0
+    injected = asyncio.Event()
+
+    async def sloppy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        try:
+            while True:
+                await read_head(reader)
+                if first:  # a body longer than its Content-Length: the tail looks like a second response
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    if gap:
+                        await writer.drain()
+                        await asyncio.sleep(gap)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Injected: 1\r\n\r\nPOISON")
+                    await writer.drain()
+                    injected.set()
+                    first = False
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nright")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with raw_backend(sloppy) as url, running_lb(make_config([url], checks=False)) as h:
+        assert (await h.get("/a"))[2] == b"ok"
+        async with asyncio.timeout(5):
+            await injected.wait()
+        await asyncio.sleep(0.1)  # let the stray bytes arrive at the balancer
+        status, headers, body = await h.get("/b")
+    assert (status, body) == (200, b"right")
+    assert "X-Injected" not in headers
+    assert connections == 2
+
+
+@async_test
+@pytest.mark.parametrize(
+    "framing, body",
+    [
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 100\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+        (b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"),
+    ],
+    ids=["te-and-cl", "repeated-cl"],
+)
+async def test_response_with_doubtful_framing_is_relayed_but_its_connection_not_reused(
+    framing: bytes, body: bytes
+) -> None:
+    connections = 0
+
+    async def doubtful(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with raw_backend(doubtful) as url, running_lb(make_config([url], checks=False)) as h:
+        async with asyncio.timeout(5):
+            answers = [await h.get("/") for _ in range(2)]
+    assert [(status, data) for status, _, data in answers] == [(200, b"hello")] * 2
+    assert connections == 2
+
+
+@async_test
+async def test_response_with_conflicting_content_lengths_is_a_502() -> None:
+    async def conflicting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with raw_backend(conflicting) as url, running_lb(make_config([url], checks=False, retries=0)) as h:
+        status, _, body = await h.get("/")
+    assert status == 502 and body["error"] == "bad_gateway"
+
+
+@async_test
+async def test_client_abort_mid_upload_closes_the_backend_connection(caplog: pytest.LogCaptureFixture) -> None:
+    backend = RecordingBackend()
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        host, port = h.url.removeprefix("http://").split(":")
+        with caplog.at_level(logging.DEBUG, logger="load_balancer"):
+            for sent in range(1, 4):
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"POST /x HTTP/1.1\r\nHost: lb\r\nContent-Length: 100000\r\n\r\nhello")
+                await writer.drain()
+                async with asyncio.timeout(5):
+                    while len(backend.heads) < sent:
+                        await asyncio.sleep(0.01)
+                writer.transport.abort()
+            async with asyncio.timeout(5):
+                while backend.open:
+                    await asyncio.sleep(0.01)
+            assert all(b.active == 0 for b in h.lb.pool.backends)
+    mine = [r for r in caplog.records if r.name == "load_balancer"]
+    assert not [r for r in mine if r.levelno >= logging.WARNING or "unhandled" in r.getMessage()]
