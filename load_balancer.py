@@ -55,6 +55,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 STREAM_CHUNK = 64 * 1024
+# Requests carrying credentials are never answered from (or stored in) the shared cache; an API
+# key counts as a credential even though HTTP caches do not know the header.
+PRIVATE_REQUEST_HEADERS = ("Authorization", "Cookie", "X-API-Key")
 STREAM_HIGH_WATER = 1024 * 1024  # pause reading a backend when this much body waits for a slow client
 MAX_HEAD_BYTES = 64 * 1024
 FRAMING_HEADERS = frozenset({"connection", "content-length", "transfer-encoding"})
@@ -631,7 +634,7 @@ class ResponseCache:
     @staticmethod
     def request_mode(request: web.Request) -> str:
         """``bypass`` (never cached), ``refresh`` (fetch, may store) or ``use``."""
-        if request.method != "GET" or "Authorization" in request.headers or "Cookie" in request.headers:
+        if request.method != "GET" or any(name in request.headers for name in PRIVATE_REQUEST_HEADERS):
             return "bypass"
         cc = cache_directives(request.headers.get("Cache-Control"))
         if "no-store" in cc:

@@ -533,6 +533,18 @@ async def test_uncacheable_responses_are_not_stored(backends: list[str], cache_c
     assert (second["server"], second["request_id"]) != (first["server"], first["request_id"])
 
 
+@pytest.mark.parametrize("credential", ["Authorization", "Cookie", "X-API-Key"])
+@async_test
+async def test_requests_with_credentials_bypass_the_cache(backends: list[str], credential: str) -> None:
+    async with running_lb(make_config(backends)) as h:
+        params = {"cache_control": "max-age=60"}
+        await h.get("/mine", params=params)  # an anonymous answer is stored...
+        _, headers, _ = await h.get("/mine", params=params, headers={credential: "secret-of-one-client"})
+        entries = (await h.get("/stats"))[2]["cache"]["entries"]
+    assert "X-Cache" not in headers  # ...but never served to (or stored from) a request with credentials
+    assert entries == 1
+
+
 @async_test
 async def test_s_maxage_wins_over_max_age(backends: list[str]) -> None:
     async with running_lb(make_config(backends)) as h:
