@@ -247,8 +247,7 @@ def _migrate_at_once(url: str, start) -> None:
     engine.dispose()
 
 
-def test_workers_migrating_a_fresh_sqlite_file_at_once_all_succeed(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def migrate_from_four_processes_at_once(url: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Event()
     procs = [ctx.Process(target=_migrate_at_once, args=(url, start)) for _ in range(4)]
@@ -263,20 +262,8 @@ def test_workers_migrating_a_fresh_sqlite_file_at_once_all_succeed(tmp_path):
     engine.dispose()
 
 
-def test_workers_migrating_a_fresh_postgres_database_at_once_all_succeed():
+def test_workers_migrating_a_fresh_database_at_once_all_succeed(request, tmp_path):
+    migrate_from_four_processes_at_once(f"sqlite:///{tmp_path / 'fresh.db'}")
     url, drop = fresh_postgres_database()
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        start = ctx.Event()
-        procs = [ctx.Process(target=_migrate_at_once, args=(url, start)) for _ in range(4)]
-        for proc in procs:
-            proc.start()
-        start.set()
-        for proc in procs:
-            proc.join(120)
-        assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
-        engine = db.make_engine(url)
-        assert db.check(engine) == []
-        engine.dispose()
-    finally:
-        drop()
+    request.addfinalizer(drop)
+    migrate_from_four_processes_at_once(url)

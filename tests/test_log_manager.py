@@ -25,18 +25,10 @@ from log_manager import (
     iter_request_log,
     mask_api_key,
 )
+from tests.services import wait_until
 
 FULL_KEY = "rl_1a2b3c4d_" + "Zx9-_" * 9  # 45 urlsafe characters after the prefix
 MASKED = "rl_1a2b3c4d…"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.01)
 
 
 def read_lines(path) -> list[dict]:

@@ -24,22 +24,13 @@ from cryptography.x509.oid import NameOID
 import notifier as notifier_module
 from config import Config
 from notifier import EVENTS, KEY_BLOCKED, Notifier, SmtpSender, format_subject, header_safe
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 USERNAME = "alerts@example.test"
 PASSWORD = "s3cret-Pa55word"
 TO = ["ops@example.test", "security@example.test"]
 # aiosmtpd warns whenever AUTH is allowed without STARTTLS; these tests do that on purpose.
 allow_auth_without_starttls = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.01)
 
 
 class Inbox:
