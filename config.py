@@ -253,7 +253,8 @@ class Config:
                 raise ConfigError("ADMIN_TOKEN must be set when FLASK_ENV=production")
             if self.web_concurrency > 1 and self.store_kind == "memory":
                 raise ConfigError(
-                    "WEB_CONCURRENCY > 1 needs REDIS_URL in production: per-process counters multiply every limit"
+                    f"{self.web_concurrency} workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL in production: "
+                    "per-process counters multiply every limit"
                 )
         if self.email_enabled and not self.alert_email_to:
             raise ConfigError("EMAIL_NOTIFICATIONS_ENABLED=true needs ALERT_EMAIL_TO")

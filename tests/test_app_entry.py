@@ -125,3 +125,14 @@ def test_gunicorn_with_bad_config_stops_instead_of_respawning(tmp_path):
     assert result.returncode == 3
     assert "error: JWT_SECRET_KEY must be set" in result.stderr
     assert result.stderr.count("error: JWT_SECRET_KEY") == 1
+
+
+def test_gunicorn_worker_flag_is_seen_by_the_app(tmp_path):
+    """`-w 3` without WEB_CONCURRENCY: gunicorn.conf.py passes the count on, so production refuses."""
+    env = base_env(tmp_path, FLASK_ENV="production", JWT_SECRET_KEY=SECRET, ADMIN_TOKEN="t")
+    env.pop("WEB_CONCURRENCY", None)
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{free_port()}",
+                             "--no-control-socket", "app:app"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL" in result.stderr
