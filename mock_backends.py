@@ -14,6 +14,7 @@ import errno
 import hashlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -224,6 +225,11 @@ def serve(servers: Sequence[BaseWSGIServer]) -> None:
     for thread in threads:
         thread.start()
     stop.wait()
+    # A stop must never hang (a supervisor that died cannot escalate to SIGKILL): if the graceful
+    # shutdown below has not finished in 5 s, leave anyway.
+    watchdog = threading.Timer(5.0, os._exit, args=(0,))
+    watchdog.daemon = True
+    watchdog.start()
     log.info("stopping %d backends", len(servers))
     for server in servers:
         server.shutdown()
