@@ -7,6 +7,7 @@ by default; ``make_app(backend="postgres")`` builds one on a fresh PostgreSQL da
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import uuid
@@ -23,6 +24,10 @@ from config import Config  # noqa: E402
 from tests.services import REDIS_URL, fresh_postgres_database, require_redis  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+# The test SMTP servers (aiosmtpd) narrate every connection at INFO; the app's JSON log handler on
+# the root logger would print that between test results.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 PASSWORD = "correct horse battery"
 
 
