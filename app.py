@@ -317,13 +317,15 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
         return (row.tier if row else "free"), row is None
 
 
-def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = ()) -> RequestDecision:
-    """One store round trip: IP check plus the subject's hit (a second only if its meta was evicted)."""
-    decision = svc.limiter.check_request(ip, subject, flags)
+def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
+           consume: bool = True) -> RequestDecision:
+    """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
+    (a second trip only if the subject's meta was evicted from the store)."""
+    decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
         tier, blocked = load_meta(svc, subject)
         svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
-        retry = svc.limiter.check_request(None, subject, flags)
+        retry = svc.limiter.check_request(None, subject, flags, consume=consume)
         decision = retry._replace(ip=decision.ip)
     if ip is not None:
         g.ip_checked = True
@@ -437,13 +439,16 @@ def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitRes
 
 
 def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
-    """Authenticate a key and read its window without consuming (for /usage and /sdk/check)."""
-    record, _ = resolve_key(svc, raw_key, None)
+    """Authenticate a key and read its window without consuming (for /usage and /sdk/check):
+    the same single store call as /data, tier and block state included, no database read."""
+    record, ip = resolve_key(svc, raw_key, g.client_ip)
     subject = f"k:{record.id}"
-    tier, blocked = load_meta(svc, subject)
-    if blocked:
+    decision = decide(svc, ip, subject, consume=False)
+    if decision.blocked:
         raise refuse_blocked_key(svc, record)
-    result = svc.limiter.peek(subject, svc.config.tier_limits[tier])
+    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    result = decision.result
+    assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     return record, result, tier
 
@@ -722,6 +727,7 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
 
 
 @data_bp.get("/usage")
+@refused_before_the_combined_check
 def usage() -> Response:
     svc = services()
     record, result, tier = peek_key(svc, api_key_from_request())
@@ -749,6 +755,7 @@ def sdk_page() -> Response:
 
 
 @sdk_bp.post("/sdk/check")
+@refused_before_the_combined_check
 def sdk_check() -> Response:
     svc = services()
     body = json_body()

@@ -234,7 +234,8 @@ if ip ~= '' then
   ip_code = 1
 end
 local tier, blocked, limit = '', 0, 0
-if ARGV[4] == '1' then
+-- ARGV[4]: '0' no subject, '1' count the request against it, '2' peek (same answer, nothing written)
+if ARGV[4] ~= '0' then
   local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked')
   if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
   tier, blocked = m[1], tonumber(m[2]) or 0
@@ -247,9 +248,9 @@ if ip ~= '' then
     return finish({3, u, n, 0, '', 0, 0, 0, 0, 0, 0})
   end
 end
-if ARGV[4] ~= '1' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
+if ARGV[4] == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
 if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0, limit}) end
-local r = $strategy(KEYS[6], now, limit, WINDOW, 1, 1, nonce)
+local r = $strategy(KEYS[6], now, limit, WINDOW, 1, ARGV[4] == '1' and 1 or 0, nonce)
 return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
 """)
 
@@ -530,7 +531,7 @@ class MemoryStore:
         self._put(self.keys.ban_index, index, max(index.values()))
         return n, until
 
-    def check(self, keys: list[str], now: int, ip: str, has_subject: bool) -> list:
+    def check(self, keys: list[str], now: int, ip: str, has_subject: int) -> list:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
@@ -541,7 +542,7 @@ class MemoryStore:
                 return out
             return self._check(keys, now, ip, has_subject, self.policy, False)
 
-    def _check(self, keys: list[str], now: int, ip: str, has_subject: bool, policy: Policy, flagged: bool) -> list:
+    def _check(self, keys: list[str], now: int, ip: str, has_subject: int, policy: Policy, flagged: bool) -> list:
         ip_code = bans = 0
         if ip:
             until = self._get(keys[0], now) or 0
@@ -563,7 +564,7 @@ class MemoryStore:
             return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0, 0]
         if blocked or flagged:
             return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0, limit]
-        raw = self._apply(self.strategy, keys[5], now, limit, policy.window, 1, 1)
+        raw = self._apply(self.strategy, keys[5], now, limit, policy.window, 1, 1 if has_subject == 1 else 0)
         return [ip_code, 0, bans, 2, tier, 0, *raw, limit]
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
@@ -793,8 +794,8 @@ class RedisStore:
     def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> list:
         return self._eval("hit", (key,), (now, limit, window, cost, record, _nonce()), 4)
 
-    def check(self, keys: list[str], now: int, ip: str, has_subject: bool) -> list:
-        out = self._eval("check", keys, (now, _nonce(), ip, "1" if has_subject else "0"), len(keys) + 5)
+    def check(self, keys: list[str], now: int, ip: str, has_subject: int) -> list:
+        out = self._eval("check", keys, (now, _nonce(), ip, str(int(has_subject))), len(keys) + 5)
         tier = out[4]
         if type(tier) is not bytes:
             raise redis.ResponseError(f"unexpected tier in the check reply: {tier!r:.80}")
@@ -1051,15 +1052,19 @@ class RateLimiter:
         """What ``hit`` would answer now for one request, consuming nothing."""
         return self._limit(subject, limit, window, 1, 0)
 
-    def check_request(self, ip: str | None, subject: str | None, flags: Sequence[str] = ()) -> RequestDecision:
+    def check_request(self, ip: str | None, subject: str | None, flags: Sequence[str] = (), *,
+                      consume: bool = True) -> RequestDecision:
         """The hot path in one store round trip: IP ban and limit, subject meta, subject hit, flags.
 
         When the subject's meta is missing nothing is recorded (not even the IP hit): the
         caller loads tier/blocked from the database, calls ``set_meta`` and calls again.
+        ``consume=False`` peeks at the subject (same answer, nothing recorded for it; the IP
+        still counts), e.g. for a "may I?" check that must not spend the budget.
         """
         now = round(self._clock() * US)
         keys = self.keys.check_keys(ip, subject, self.strategy.suffix, flags)
-        has_subject = subject is not None
+        # 0: no subject, 1: count the request, 2: peek. Passed through to both stores as is.
+        has_subject = 0 if subject is None else 1 if consume else 2
         if not self._down:  # fast path, as in _limit
             try:
                 return self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)

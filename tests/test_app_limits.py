@@ -356,3 +356,30 @@ def test_store_down_in_closed_mode_is_a_503_everywhere(make_app, auth):
         assert response.status_code == 503, (path, response.get_json())
         assert response.get_json()["error"] == "limiter_unavailable"
         assert response.headers["Retry-After"] == "5"
+
+
+def test_hot_path_runs_no_sql_once_the_key_is_known(app, client, auth):
+    """/data, /sdk/check and /sdk/track with a known key: no statement on the request's thread
+    (usage and logs are written by background threads, in batches)."""
+    import threading
+
+    import sqlalchemy as sa
+
+    _, key = auth.user_with_key(tier="premium")
+    client.get("/data", headers={"X-API-Key": key["api_key"]})  # warms the per-process key cache
+    statements: list[str] = []
+    me = threading.get_ident()
+
+    def count(conn, cursor, statement, *args):
+        if threading.get_ident() == me:
+            statements.append(statement)
+
+    engine = app.extensions["rl"].engine
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert client.get("/data", headers={"X-API-Key": key["api_key"]}).status_code == 200
+        assert client.post("/sdk/check", json={"api_key": key["api_key"]}).status_code == 200
+        assert client.post("/sdk/track", json={"api_key": key["api_key"], "endpoint": "/x"}).status_code == 200
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    assert statements == []

@@ -895,3 +895,16 @@ def test_unban_replayed_after_recovery_does_not_lift_a_newer_ban(clock):
         for rl in (a, b):
             rl.reset()
             rl.close()
+
+
+def test_check_request_can_peek_without_spending_the_subject(make):
+    limiter = make(ip_limit=1000)
+    limit = TIERS["free"]
+    limiter.set_meta("k:peek", tier="free", blocked=False)
+    for _ in range(3):
+        peeked = limiter.check_request("10.9.8.7", "k:peek", consume=False)
+        assert peeked.result.allowed and peeked.result.remaining == limit  # nothing spent
+    spent = [limiter.check_request("10.9.8.7", "k:peek").result.allowed for _ in range(limit + 1)]
+    assert spent == [True] * limit + [False]
+    full = limiter.check_request("10.9.8.7", "k:peek", consume=False)
+    assert not full.result.allowed and full.result.remaining == 0 and full.result.retry_after > 0
