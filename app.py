@@ -15,6 +15,8 @@ import dataclasses
 import datetime as dt
 import functools
 import hmac
+import ipaddress
+import json
 import logging
 import math
 import os
@@ -147,7 +149,7 @@ class EventBus:
             svc.metrics.observe_alert(details.get("alert_kind", kind))
             svc.alert_writer.put({
                 "timestamp": db.utcnow(), "kind": details.get("alert_kind", kind), "source": subject[:200],
-                "severity": details.get("severity", "warning"), "details": _json(details),
+                "severity": details.get("severity", "warning"), "details": json.dumps(details, default=str),
             })
         svc.notifier.notify(kind, subject, details)
         if svc.socketio is not None:
@@ -202,12 +204,6 @@ def services() -> Services:
     return current_app.extensions["rl"]
 
 
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, default=str)
-
-
 # --- request helpers ---------------------------------------------------------------------------
 
 def json_body(*, optional: bool = False) -> dict[str, Any]:
@@ -216,8 +212,6 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         return {}
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
-    import json
-
     try:
         body = request.get_json(silent=True)
         if isinstance(body, dict):  # a lone surrogate ("\ud800") parses, but cannot be hashed or stored
@@ -294,8 +288,7 @@ def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
         return
     if decision.ban_started:
         svc.events.emit("ip_banned", ip, ban_count=decision.ban_count, seconds=epoch_ceil(decision.retry_after))
-        alert = svc.abuse.record("ip_ban", ip, ban_count=decision.ban_count)
-        del alert  # the detector's callback emits the alert event
+        svc.abuse.record("ip_ban", ip, ban_count=decision.ban_count)  # its callback emits any alert
     if not decision.allowed:
         raise refuse_ip(decision)
 
@@ -553,14 +546,10 @@ def register() -> tuple[Response, int]:
     return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
 
 
-_DUMMY_HASH: list[str] = []
-
-
+@functools.lru_cache(maxsize=4)
 def _dummy_hash(rounds: int) -> str:
     """A real bcrypt hash to check against for unknown users, so timing does not reveal them."""
-    if not _DUMMY_HASH:
-        _DUMMY_HASH.append(auth.hash_password("not-a-real-password", rounds))
-    return _DUMMY_HASH[0]
+    return auth.hash_password("not-a-real-password", rounds)
 
 
 @auth_bp.post("/login")
@@ -956,8 +945,6 @@ def list_bans() -> Response:
 
 
 def ip_field(body: dict[str, Any]) -> str:
-    import ipaddress
-
     raw = str_field(body, "ip", max_len=64)
     try:
         return str(ipaddress.ip_address(raw.strip()))
@@ -1038,8 +1025,6 @@ def logs() -> Response:
 @admin_bp.get("/admin/audit")
 @auth.admin_required
 def audit_entries() -> Response:
-    import json
-
     limit = int_arg("limit", 100, maximum=1000)
     with services().engine.connect() as conn:
         rows = conn.execute(sa.select(db.audit_log).order_by(db.audit_log.c.id.desc()).limit(limit)).all()
@@ -1055,8 +1040,6 @@ def admin_alerts() -> Response:
 
 
 def recent_alerts(limit: int) -> list[dict[str, Any]]:
-    import json
-
     svc = services()
     svc.alert_writer.flush_now()
     with svc.engine.connect() as conn:
@@ -1161,6 +1144,7 @@ def api_analytics() -> Response:
 def admin_analytics(svc: Services, since: dt.datetime) -> dict[str, Any]:
     c = db.usage_counters.c
     k = db.api_keys.c
+    svc.log_writer.flush_now()  # before opening our connection: the flush needs one of its own
     with svc.engine.connect() as conn:
         top = conn.execute(
             sa.select(k.prefix, k.name, c.tier, sa.func.sum(c.allowed).label("allowed"),
@@ -1169,7 +1153,6 @@ def admin_analytics(svc: Services, since: dt.datetime) -> dict[str, Any]:
             .where(c.bucket_start >= since).group_by(k.prefix, k.name, c.tier)
             .order_by(sa.desc("allowed")).limit(10)
         ).all()
-        svc.log_writer.flush_now()
         recent_429 = conn.execute(
             sa.select(db.request_logs).where(db.request_logs.c.status == 429)
             .order_by(db.request_logs.c.id.desc()).limit(20)
@@ -1292,11 +1275,7 @@ def run_flusher(svc: Services) -> None:
 
 def build_services(config: Config, clock: Callable[[], float]) -> Services:
     engine = db.open_database(config.database_url)
-    limiter = RateLimiter(
-        config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
-        ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
-        ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix, clock=clock,
-    )
+    limiter = RateLimiter.from_config(config, clock=clock)
     request_logger = RequestLogger.from_config(config)
     svc = Services(
         config=config, engine=engine, limiter=limiter, clock=clock,

@@ -26,7 +26,8 @@ class ConfigError(ValueError):
     """The environment describes a configuration the service cannot run with."""
 
 
-def _bool(raw: str | None, default: bool) -> bool:
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
@@ -34,7 +35,7 @@ def _bool(raw: str | None, default: bool) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"expected a boolean (true/false), got {raw!r}")
+    raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
 
 
 def _number(env: Mapping[str, str], name: str, default: Any, minimum: Any, kind: type) -> Any:
@@ -167,14 +168,11 @@ class Config:
         database_url = env.get("DATABASE_URL") or f"sqlite:///{env.get('DB_PATH') or 'ratelimiter.db'}"
         redis_url = env.get("REDIS_URL") or None
         cors = _csv(env.get("CORS_ORIGINS")) or ["*"]
-        try:
-            smtp_tls = _bool(env.get("SMTP_USE_TLS"), True)
-            smtp_ssl = _bool(env.get("SMTP_USE_SSL"), False)
-            email_enabled = _bool(env.get("EMAIL_NOTIFICATIONS_ENABLED"), False)
-            socketio = _bool(env.get("ENABLE_SOCKETIO"), flask_env != "production")
-            auto_ban = _bool(env.get("ABUSE_AUTO_BAN"), False)
-        except ConfigError as exc:
-            raise ConfigError(f"boolean setting: {exc}") from None
+        smtp_tls = _bool(env, "SMTP_USE_TLS", True)
+        smtp_ssl = _bool(env, "SMTP_USE_SSL", False)
+        email_enabled = _bool(env, "EMAIL_NOTIFICATIONS_ENABLED", False)
+        socketio = _bool(env, "ENABLE_SOCKETIO", flask_env != "production")
+        auto_ban = _bool(env, "ABUSE_AUTO_BAN", False)
         values: dict[str, Any] = dict(
             env=flask_env,
             jwt_secret_key=secret,

@@ -912,7 +912,8 @@ class RateLimiter:
         """Build from ``config.Config``."""
         return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
                    ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
-                   ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, clock=clock)
+                   ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix,
+                   clock=clock)
 
     @property
     def store_kind(self) -> str:

@@ -566,18 +566,8 @@ def test_outage_probe_backs_off_and_recovers_with_pending_writes(clock, tmp_path
     assert rl.health() == "degraded"
     clock.advance(2)  # probe 2 fails, next in 4 s
     assert rl.health() == "degraded"
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    server, client = start_private_redis(port, tmp_path)
     try:
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)  # waiting for a server to start, not for a window
         clock.advance(3.9)
         assert rl.health() == "degraded", "probed before the backoff allowed"
         clock.advance(0.1)
@@ -718,18 +708,8 @@ def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed")
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    server, client = start_private_redis(port, tmp_path)
     try:
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)  # waiting for a server to start, not for a window
         rl = RateLimiter(f"redis://127.0.0.1:{port}/0", tier_limits=TIERS, clock=clock, fail_mode="memory")
         assert rl.health() == "ok"
         probes = []
@@ -749,6 +729,22 @@ def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
         if server.poll() is None:
             server.terminate()
             server.wait(timeout=10)
+
+
+def start_private_redis(port: int, tmp_path) -> tuple[subprocess.Popen, object]:
+    """A redis-server of the test's own on ``port`` (the shared one is never stopped), once it answers."""
+    import redis
+
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)  # waiting for a server to start, not for a window
+    return server, client
 
 
 class FakeRedis:
