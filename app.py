@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request, send_from_directory
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import auth
@@ -42,7 +43,7 @@ from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
 from errors import ApiError, bad_request
 from limiter import LimitResult, RateLimiter, RequestDecision, StoreUnavailable
-from log_manager import AbuseDetector, Alert, BatchWriter, RequestLogger, configure_logging
+from log_manager import AbuseDetector, Alert, BatchWriter, RefusalSampler, RequestLogger, configure_logging
 from notifier import Notifier
 
 log = logging.getLogger("ratelimiter")
@@ -180,6 +181,8 @@ class Services:
     flusher: threading.Thread | None = None
     active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    refusal_log: RefusalSampler | None = None
+    housekeeping_due: float = 0.0  # svc.clock() time of the next retention pass; 0: not run yet
 
     def now(self) -> dt.datetime:
         """The injected clock as a naive UTC datetime, the form usage buckets are stored in."""
@@ -374,6 +377,10 @@ def refused_before_the_combined_check(view: Callable[..., Any]) -> Callable[...,
             return view(*args, **kwargs)
         except ApiError as exc:
             if not g.ip_checked and exc.code not in ("ip_banned", "limiter_unavailable"):
+                ip_guard(services(), g.client_ip)
+            raise
+        except HTTPException:  # e.g. a 413 body: a banned IP is refused as such, and the IP counts
+            if not g.ip_checked:
                 ip_guard(services(), g.client_ip)
             raise
 
@@ -945,11 +952,20 @@ def list_bans() -> Response:
 
 
 def ip_field(body: dict[str, Any]) -> str:
-    raw = str_field(body, "ip", max_len=64)
+    """The subject an admin ban names: an IPv6 address (or a network inside one subject, as
+    /admin/bans lists it) means its whole /IPV6_PREFIX_LENGTH network, as requests are counted."""
+    raw = str_field(body, "ip", max_len=64).strip()
+    prefix = services().config.ipv6_prefix_length
     try:
-        return str(ipaddress.ip_address(raw.strip()))
+        network = ipaddress.ip_network(raw, strict=False)
     except ValueError:
         raise bad_request("ip", "'ip' must be an IPv4 or IPv6 address") from None
+    if network.num_addresses == 1:
+        return ip_subject(str(network.network_address), prefix)
+    if network.version == 6 and network.prefixlen >= prefix:
+        return ip_subject(str(network.network_address), prefix)
+    raise bad_request("ip", f"'ip' must be an address, or an IPv6 network of at least /{prefix} "
+                            "(IPV6_PREFIX_LENGTH)")
 
 
 @admin_bp.post("/admin/ban_ip")
@@ -1176,17 +1192,40 @@ def dashboard() -> str:
 
 # --- request pipeline --------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16384)
+def ip_subject(address: str, ipv6_prefix: int) -> str:
+    """What the per-IP limit, bans and throttles count: an IPv4 address as it is, an IPv6 address
+    as its /``ipv6_prefix`` network (one client holds a whole /64, so per-address limits on IPv6
+    would be no limits), an IPv4-mapped IPv6 address as its IPv4 address. Anything else (a
+    malformed forwarded header) stays as it came, so it is still counted."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ipv6_prefix >= 128:
+        return str(ipaddress.IPv6Address(int(ip)))  # int(): without a zone id ("%eth0")
+    return str(ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False))
+
+
 def before_request() -> None:
+    """Derive the client's subject (the one place it is derived), then the per-IP check, which runs
+    before routing errors: a banned IP gets 429 on unknown paths, wrong methods and OPTIONS too."""
     g.started = time.perf_counter()
-    g.client_ip = request.remote_addr or "unknown"
+    svc = services()
+    g.client_addr = request.remote_addr or "unknown"
+    g.client_ip = ip_subject(g.client_addr, svc.config.ipv6_prefix_length)
     g.key_prefix = None
     g.user_id = None
-    if request.method == "OPTIONS" or request.endpoint in IP_EXEMPT_ENDPOINTS or request.endpoint is None:
+    if request.endpoint in IP_EXEMPT_ENDPOINTS:
         return
-    view = current_app.view_functions.get(request.endpoint)
-    if getattr(view, "combined_ip_check", False):
-        return
-    ip_guard(services(), g.client_ip)
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    if getattr(view, "combined_ip_check", False) and request.method != "OPTIONS":
+        return  # the view checks the IP in its own store call (an automatic OPTIONS never runs it)
+    ip_guard(svc, g.client_ip)
 
 
 CORS_PATHS = ("/data", "/usage", "/sdk/")
@@ -1252,9 +1291,16 @@ def after_request(response: Response) -> Response:
     if status >= 400 and response.is_json:
         body = response.get_json(silent=True) or {}
         message = str(body.get("error", ""))[:500]
+    if message == "ip_banned" and svc.refusal_log is not None:
+        # A banned client's flood is not counted against it, so it must not write a row per request.
+        skipped = svc.refusal_log.admit(g.get("client_ip") or "unknown")
+        if skipped is None:
+            return response
+        if skipped:
+            message = f"ip_banned; {skipped} more refusals of this client not logged"
     record = {
         "timestamp": db.utcnow(), "level": level, "method": request.method, "path": request.path[:500],
-        "status": status, "ip": g.get("client_ip"), "key_prefix": g.get("key_prefix"),
+        "status": status, "ip": g.get("client_addr"), "key_prefix": g.get("key_prefix"),
         "user_id": g.get("user_id"), "duration_ms": round(duration * 1000, 3), "message": message,
     }
     svc.log_writer.put(record)
@@ -1262,13 +1308,35 @@ def after_request(response: Response) -> Response:
     return response
 
 
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+def run_housekeeping(svc: Services) -> None:
+    """Apply LOG_RETENTION_DAYS: rotated log files and request-log rows older than that go (with
+    spent tokens). Each cutoff is measured by the clock that stamped the data (file times, row
+    timestamps), so only the schedule follows the app's clock."""
+    files = svc.request_logger.prune()
+    rows = db.purge_expired(svc.engine, log_retention_days=svc.config.log_retention_days)
+    if files or any(rows.values()):
+        log.info("retention: removed %d rotated log files and %s", len(files),
+                 ", ".join(f"{n} {table} rows" for table, n in rows.items()))
+
+
 def run_flusher(svc: Services) -> None:
-    """Background loop: write usage counters every ``flush_interval`` until the app stops."""
+    """Background loop: write usage counters every ``flush_interval`` until the app stops, and
+    apply log retention at start-up and every HOUSEKEEPING_SECONDS after (by ``svc.clock``)."""
     while not svc.stopping.wait(svc.config.flush_interval):
         try:
             svc.usage.flush()
         except Exception:  # keep the loop alive whatever the database does
             log.exception("usage flush loop error")
+        now = svc.clock()
+        if now >= svc.housekeeping_due:
+            svc.housekeeping_due = now + HOUSEKEEPING_SECONDS
+            try:
+                run_housekeeping(svc)
+            except Exception:  # a failed pass is retried at the next one
+                log.exception("log retention pass failed")
 
 
 # --- factory -----------------------------------------------------------------------------------
@@ -1283,11 +1351,12 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
         keys=KeyDirectory(engine, clock=clock), notifier=Notifier(config, clock=clock),
         request_logger=request_logger,
         log_writer=BatchWriter(lambda rows: db.add_request_logs(engine, rows), interval=config.flush_interval,
-                               name="request-log-writer"),
+                               name="request-log-writer", transient=db.is_transient_error),
         alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
-                                 name="alert-writer"),
+                                 name="alert-writer", transient=db.is_transient_error),
     )
     svc.events = EventBus(svc)
+    svc.refusal_log = RefusalSampler(clock=clock)
     svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert), clock=clock)
     return svc
 
