@@ -182,6 +182,8 @@ class Services:
     active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     refusal_log: RefusalSampler | None = None
+    analytics_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    analytics_cache: tuple[float, dt.datetime | None, list[Any]] = (0.0, None, [])
     housekeeping_due: float = 0.0  # svc.clock() time of the next retention pass; 0: not run yet
 
     def now(self) -> dt.datetime:
@@ -1115,25 +1117,67 @@ def prometheus_metrics() -> Response:
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)  # mimetype= would add a second charset
 
 
+ANALYTICS_MAX_MINUTES = 24 * 60
+ANALYTICS_PUBLIC_MINUTES = 180  # without the admin token: the dashboard's widest range
+ANALYTICS_CACHE_SECONDS = 5.0  # anonymous figures are computed at most this often per process
+
+UsageRows = list[tuple[dt.datetime, str, int, int]]
+
+
+def usage_since(svc: Services, since: dt.datetime) -> UsageRows:
+    """(minute, tier, allowed, limited) from ``since`` on: one grouped scan, from which any
+    shorter range's series and tier totals are sliced."""
+    c = db.usage_counters.c
+    svc.usage.flush()
+    with svc.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(c.bucket_start, c.tier, sa.func.sum(c.allowed), sa.func.sum(c.limited))
+            .where(c.bucket_start >= since).group_by(c.bucket_start, c.tier)
+        ).all()
+    return [(row[0], row[1], int(row[2]), int(row[3])) for row in rows]
+
+
+def public_usage(svc: Services, minute: dt.datetime) -> UsageRows:
+    """The anonymous view's rows, shared by every anonymous call for ANALYTICS_CACHE_SECONDS (and
+    the same minute): an anonymous caller cannot make the database scan more than one public
+    range per interval, whatever range or rate it asks for. One computation at a time."""
+    with svc.analytics_lock:
+        cached_at, cached_minute, rows = svc.analytics_cache
+        if cached_minute != minute or not 0 <= svc.clock() - cached_at < ANALYTICS_CACHE_SECONDS:
+            rows = usage_since(svc, minute - dt.timedelta(minutes=ANALYTICS_PUBLIC_MINUTES - 1))
+            svc.analytics_cache = (svc.clock(), minute, rows)
+        return rows
+
+
 @metrics_bp.get("/api/analytics")
 def api_analytics() -> Response:
-    """Request volume per minute (allowed vs limited) and per tier; detail for admins only."""
+    """Request volume per minute (allowed vs limited) and per tier; detail for admins only.
+
+    Anonymous callers get up to ANALYTICS_PUBLIC_MINUTES from a short cache; admins any range
+    up to a day, fresh."""
     svc = services()
-    minutes = int_arg("minutes", 60, maximum=24 * 60)
-    svc.usage.flush()
+    admin = auth.bearer_token() is not None
+    if admin:
+        g.admin_actor = auth.admin_actor()
+    minutes = int_arg("minutes", 60, maximum=ANALYTICS_MAX_MINUTES)
+    if not admin and minutes > ANALYTICS_PUBLIC_MINUTES:
+        raise bad_request("minutes", f"'minutes' must be at most {ANALYTICS_PUBLIC_MINUTES} without the admin "
+                                     f"token (at most {ANALYTICS_MAX_MINUTES} with it)")
     # The usage buckets are stamped with the app's clock, so the window must be measured by it too.
-    since = (svc.now() - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
-    c = db.usage_counters.c
-    with svc.engine.connect() as conn:
-        series = conn.execute(
-            sa.select(c.bucket_start, sa.func.sum(c.allowed), sa.func.sum(c.limited))
-            .where(c.bucket_start >= since).group_by(c.bucket_start).order_by(c.bucket_start)
-        ).all()
-        tiers = conn.execute(
-            sa.select(c.tier, sa.func.sum(c.allowed), sa.func.sum(c.limited))
-            .where(c.bucket_start >= since).group_by(c.tier)
-        ).all()
-    by_minute = {row[0]: (int(row[1]), int(row[2])) for row in series}
+    minute = svc.now().replace(second=0, microsecond=0)
+    since = minute - dt.timedelta(minutes=minutes - 1)
+    rows = usage_since(svc, since) if admin else public_usage(svc, minute)
+    by_minute: dict[dt.datetime, list[int]] = {}
+    by_tier: dict[str, dict[str, int]] = {}
+    for bucket, tier, allowed, limited in rows:
+        if bucket < since:
+            continue
+        counts = by_minute.setdefault(bucket, [0, 0])
+        counts[0] += allowed
+        counts[1] += limited
+        totals = by_tier.setdefault(tier, {"allowed": 0, "limited": 0})
+        totals["allowed"] += allowed
+        totals["limited"] += limited
     buckets = []
     for i in range(minutes):
         start = since + dt.timedelta(minutes=i)
@@ -1143,7 +1187,7 @@ def api_analytics() -> Response:
         "minutes": minutes,
         "series": buckets,
         "totals": {"allowed": sum(b["allowed"] for b in buckets), "limited": sum(b["limited"] for b in buckets)},
-        "by_tier": {row[0]: {"allowed": int(row[1]), "limited": int(row[2])} for row in tiers},
+        "by_tier": by_tier,
         "tier_limits": svc.config.tier_limits,
         "window_seconds": svc.config.window_seconds,
         "metrics": svc.metrics.snapshot(),
@@ -1151,8 +1195,7 @@ def api_analytics() -> Response:
         "limiter_health": svc.limiter.health(),
         "socketio": svc.socketio is not None,
     }
-    if auth.bearer_token():
-        g.admin_actor = auth.admin_actor()
+    if admin:
         body.update(admin_analytics(svc, since))
     return jsonify(body)
 
