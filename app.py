@@ -1235,12 +1235,21 @@ def dashboard() -> str:
 
 # --- request pipeline --------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16384)
 def ip_subject(address: str, ipv6_prefix: int) -> str:
     """What the per-IP limit, bans and throttles count: an IPv4 address as it is, an IPv6 address
     as its /``ipv6_prefix`` network (one client holds a whole /64, so per-address limits on IPv6
     would be no limits), an IPv4-mapped IPv6 address as its IPv4 address. Anything else (a
     malformed forwarded header) stays as it came, so it is still counted."""
+    if len(address) > MAX_ADDRESS_CHARS:  # no address is this long; not worth a cache slot either
+        return address
+    return _ip_subject(address, ipv6_prefix)
+
+
+MAX_ADDRESS_CHARS = 64
+
+
+@functools.lru_cache(maxsize=16384)
+def _ip_subject(address: str, ipv6_prefix: int) -> str:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
