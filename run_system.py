@@ -422,6 +422,8 @@ def api_component(args: argparse.Namespace, env: dict[str, str], cert_dir: Path 
         argv = [sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--bind", f"{args.host}:{port}"]
         # No control socket: its default path ($HOME/.gunicorn/gunicorn.ctl) is shared by every gunicorn.
         argv += ["--pythonpath", str(PROJECT_DIR), "--graceful-timeout", "5", "--no-control-socket"]
+        # Our settings file whatever the cwd: the pre-fork config check and the log redaction.
+        argv += ["--config", str(PROJECT_DIR / "gunicorn.conf.py")]
         argv += [*tls_args, "app:app"]
     else:
         argv = [sys.executable, str(PROJECT_DIR / "app.py"), "--host", args.host, "--port", str(port), *tls_args]

@@ -134,5 +134,20 @@ def test_gunicorn_worker_flag_is_seen_by_the_app(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{free_port()}",
                              "--no-control-socket", "app:app"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert "3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL") == 1
+    assert "Booting worker" not in result.stderr  # refused by the master: no worker races to fail
+
+
+@pytest.mark.parametrize("env", [
+    {"FLASK_ENV": "production", "ADMIN_TOKEN": "x"},
+    {"DB_PATH": "/nonexistent-dir/x.db"},
+], ids=["config", "database"])
+def test_gunicorn_refuses_in_the_master_before_forking_any_worker(tmp_path, env):
+    """Several workers failing at once made gunicorn's arbiter crash (exit 1, HaltServer traceback)."""
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{free_port()}",
+                             "--no-control-socket", "app:app"],
+                            cwd=ROOT, env=base_env(tmp_path, **env), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
+    assert "Booting worker" not in result.stderr and "Traceback" not in result.stderr

@@ -210,3 +210,13 @@ def test_railway_start_command_serves_on_port_with_default_two_workers(tmp_path:
     with serving(shlex.split(railway()["deploy"]["startCommand"]), env, port) as proc:
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).json()["status"] == "ok"
         assert wait_for_workers(proc.pid, 2) == 2  # sh exec'd gunicorn: proc.pid is the master
+
+
+# ---------------------------------------------------------------- documented claims
+
+
+def test_readme_names_sentinel_only_once_the_code_supports_it() -> None:
+    """The README once promised Sentinel while no module could talk to one."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").lower()
+    code = " ".join(path.read_text(encoding="utf-8").lower() for path in ROOT.glob("*.py"))
+    assert "sentinel" not in readme or "redis.sentinel" in code
