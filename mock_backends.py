@@ -224,7 +224,10 @@ def serve(servers: Sequence[BaseWSGIServer]) -> None:
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True) for s in servers]
     for thread in threads:
         thread.start()
-    stop.wait()
+    # Never an untimed wait: the kernel may deliver SIGTERM to a server thread, and Python runs
+    # the handler only when the main thread next executes bytecode (an untimed wait never returns).
+    while not stop.wait(0.2):
+        pass
     # A stop must never hang (a supervisor that died cannot escalate to SIGKILL): if the graceful
     # shutdown below has not finished in 5 s, leave anyway.
     watchdog = threading.Timer(5.0, os._exit, args=(0,))

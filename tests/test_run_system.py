@@ -399,3 +399,26 @@ def test_database_url_is_checked_and_given_to_the_api(launch, full_ports) -> Non
         engine.dispose()
     finally:
         drop()
+
+
+def test_backends_stop_when_sigterm_lands_on_one_of_their_server_threads(tmp_path: Path) -> None:
+    """The parent-death SIGTERM may be delivered to any thread; the backends once ignored it then."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "mock_backends.py"), "--ports", str(port)],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
+            time.sleep(0.05)
+        tasks = Path(f"/proc/{proc.pid}/task")
+        while not (threads := [int(tid) for tid in os.listdir(tasks) if int(tid) != proc.pid]):
+            time.sleep(0.05)
+        os.kill(threads[0], signal.SIGTERM)  # kill() with a thread's id: Linux hands the signal to that thread
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
