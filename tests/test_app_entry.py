@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.leak_probe import files_under, leaks, send_credentials
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +152,20 @@ def test_gunicorn_refuses_in_the_master_before_forking_any_worker(tmp_path, env)
     assert result.returncode == 3, result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
     assert "Booting worker" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("socketio", ["false", "true"])
+def test_python_app_logs_no_key_or_token(tmp_path, socketio):
+    """werkzeug's request lines quote the query string: `?api_key=` must come out masked."""
+    port = free_port()
+    admin = "entry-admin-token-0123456789"
+    env = base_env(tmp_path, JWT_SECRET_KEY=SECRET, ADMIN_TOKEN=admin, ENABLE_SOCKETIO=socketio)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", proc)
+        sent = send_credentials(f"http://127.0.0.1:{port}", admin)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert leaks([out, err, *files_under(tmp_path)], sent) == []

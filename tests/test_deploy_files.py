@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.leak_probe import files_under, leaks, send_credentials
 from tests.services import REDIS_URL, free_port, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,32 @@ def test_railway_start_command_serves_on_port_with_default_two_workers(tmp_path:
     with serving(shlex.split(railway()["deploy"]["startCommand"]), env, port) as proc:
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).json()["status"] == "ok"
         assert wait_for_workers(proc.pid, 2) == 2  # sh exec'd gunicorn: proc.pid is the master
+
+
+# ---------------------------------------------------------------- both start commands
+
+
+def deployed_command(source: str, tmp_path: Path, port: int, **extra: str) -> tuple[list[str], dict[str, str]]:
+    """The exact Dockerfile CMD or railway.toml startCommand on ``port``, with the environment it gets."""
+    private = {"RATELIMIT_KEY_PREFIX": f"deploy{os.getpid()}{port}", "BCRYPT_ROUNDS": "4", **extra}
+    if source == "dockerfile":
+        argv = [arg.replace(":8000", f":{port}") for arg in json.loads(instruction("CMD")[-1])]
+        return argv, deploy_env(tmp_path, **dockerfile_env(), **private)
+    env = deploy_env(tmp_path, FLASK_ENV="production", PORT=str(port), **private)
+    return shlex.split(railway()["deploy"]["startCommand"]), env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["dockerfile", "railway"])
+def test_no_log_of_the_deployed_command_holds_a_key_or_token(tmp_path: Path, source: str) -> None:
+    require_redis()
+    port = free_port()
+    argv, env = deployed_command(source, tmp_path, port)
+    with serving(argv, env, port) as proc:
+        sent = send_credentials(f"http://127.0.0.1:{port}", DEPLOY_SECRETS["ADMIN_TOKEN"])
+    output = proc.stdout.read()
+    assert "GET /data?api_key=rl_" in output  # the access log is on, and names the key by its prefix
+    assert leaks([output, *files_under(tmp_path / "data")], sent) == []
 
 
 # ---------------------------------------------------------------- documented claims

@@ -18,6 +18,7 @@ import requests
 import sqlalchemy as sa
 
 import run_system
+from tests.leak_probe import files_under, leaks, send_credentials
 from tests.services import free_port, fresh_postgres_database, port_open, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,3 +423,18 @@ def test_backends_stop_when_sigterm_lands_on_one_of_their_server_threads(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_dev_system_output_and_logs_hold_no_key_or_token(launch, tmp_path: Path, full_ports) -> None:
+    api, lb, backends = full_ports
+    admin = "run-system-admin-token-0123456789"
+    system = launch(["--dev", "--skip-db", *port_args(api, lb, backends)], clean_env(tmp_path, ADMIN_TOKEN=admin))
+    system.table()
+    sent = send_credentials(f"http://127.0.0.1:{api}", admin)
+    key, access = sent[0], sent[3]
+    bearer = {"Authorization": f"Bearer {access}"}
+    through_lb = requests.get(f"http://127.0.0.1:{lb}/data?api_key={key}", headers=bearer, timeout=10)
+    assert through_lb.status_code == 200
+    assert system.stop() == 0
+    assert leaks([*system.lines, *files_under(tmp_path)], sent) == []
