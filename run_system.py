@@ -544,6 +544,29 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+class StopFlag:
+    """A flag a signal handler may set: no lock, unlike threading.Event.
+
+    The handler runs in the main thread between two bytecodes, possibly inside Event.wait with
+    the Event's (non-reentrant) lock held; Event.set would then wait for that lock forever.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep ``timeout`` seconds unless already set; True if set (then the caller stops)."""
+        if not self._set:
+            time.sleep(timeout)
+        return self._set
+
+
 class Supervisor:
     """Starts components, watches them, restarts them with backoff, and stops them all."""
 
@@ -551,8 +574,8 @@ class Supervisor:
         self.components = list(components)
         self.host = host
         self.start_timeout = start_timeout
-        self.stopping = threading.Event()
-        self.forced = threading.Event()
+        self.stopping = StopFlag()
+        self.forced = StopFlag()
         self.output_lock = threading.Lock()
         self.active: list[Component] = []
 

@@ -169,6 +169,29 @@ def test_restart_backoff_doubles_to_the_cap_and_the_budget_renews_after_the_wind
     assert policy.next_delay() == 1
 
 
+def test_a_stop_signal_arriving_in_the_middle_of_a_wait_does_not_deadlock() -> None:
+    """The handler runs between two bytecodes of the main thread, even inside the wait itself."""
+    supervisor = run_system.Supervisor([], "127.0.0.1", 1.0)
+
+    def waiting_while_signals_arrive() -> None:
+        def tracer(frame, event, _arg):  # a signal delivered at every line the wait executes
+            if event == "line":
+                supervisor.request_stop(signal.SIGTERM)
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            supervisor.stopping.wait(0.01)
+        finally:
+            sys.settrace(None)
+
+    waiter = threading.Thread(target=waiting_while_signals_arrive, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "request_stop waited for a lock held by the code it interrupted"
+    assert supervisor.stopping.is_set() and supervisor.forced.is_set()
+
+
 # ---------------------------------------------------------------- checks before start
 
 
