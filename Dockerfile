@@ -36,4 +36,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 # gunicorn takes its worker count from WEB_CONCURRENCY, and the app reads the same variable,
 # so both agree on how many workers share the limiter store. No control socket: nothing in the
 # container manages gunicorn at run time, and its default path ($HOME/.gunicorn) is not writable.
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--no-control-socket", "--access-logfile", "-", "app:app"]
+CMD ["gunicorn", "--config", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "--no-control-socket", "--access-logfile", "-", "app:app"]

@@ -8,6 +8,8 @@
   while halting for the first failure, dies with a traceback and exit 1 on the second one.
 - Every log record of the master and its workers, the access log included, goes through
   `log_redaction`: request lines carry API keys in `?api_key=`.
+- Workers are `gunicorn_worker.BufferingThreadWorker`: threads that only run requests already
+  read in full, so slow or half-open clients hold no thread (a `sync` worker is stalled by one).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the project, w
 import log_redaction  # noqa: E402 - needs the path above
 
 log_redaction.install()
+
+worker_class = "gunicorn_worker.BufferingThreadWorker"
+threads = 8  # per worker; the app is thread-safe (python app.py serves threaded too)
 
 
 def on_starting(server):  # noqa: ANN001 - gunicorn's hook signature
