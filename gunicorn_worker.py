@@ -20,6 +20,7 @@ import errno
 import os
 import re
 import socket
+import ssl
 import time
 
 from gunicorn import util
@@ -112,6 +113,9 @@ class QuickCloseConn(gthread.TConn):
     """
 
     def close(self, graceful: bool = False) -> None:
+        if isinstance(self.sock, ssl.SSLSocket):  # TLS (run_system --ssl): gunicorn's own close
+            super().close(graceful)
+            return
         if graceful:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
