@@ -38,6 +38,13 @@ def send_credentials(base: str, admin_token: str) -> list[str]:
     return [key, key.split("_", 2)[2], unknown, access, refresh, admin_token]
 
 
+def admin_views(base: str, admin_token: str) -> list[str]:
+    """What operators read over HTTP: request logs, audit, alerts, keys and the dashboard's event feed."""
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    paths = ["/logs", "/admin/audit", "/admin/alerts", "/admin/keys", "/api/analytics"]
+    return [requests.get(f"{base}{path}", headers=headers, timeout=10).text for path in paths]
+
+
 def leaks(texts: Iterable[str], sent: list[str]) -> list[str]:
     """Every sent secret that appears in one of ``texts`` (shortened, so the failure does not leak it)."""
     corpus = "\n".join(texts)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.leak_probe import files_under, leaks, send_credentials
+from tests.leak_probe import admin_views, files_under, leaks, send_credentials
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,8 @@ def test_python_app_logs_no_key_or_token(tmp_path, socketio):
     try:
         wait_for_health(f"http://127.0.0.1:{port}", proc)
         sent = send_credentials(f"http://127.0.0.1:{port}", admin)
+        views = admin_views(f"http://127.0.0.1:{port}", admin)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
-    assert leaks([out, err, *files_under(tmp_path)], sent) == []
+    assert leaks([out, err, *views, *files_under(tmp_path)], sent) == []

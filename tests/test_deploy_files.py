@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.leak_probe import files_under, leaks, send_credentials
+from tests.leak_probe import admin_views, files_under, leaks, send_credentials
 from tests.services import REDIS_URL, free_port, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,9 +236,10 @@ def test_no_log_of_the_deployed_command_holds_a_key_or_token(tmp_path: Path, sou
     argv, env = deployed_command(source, tmp_path, port)
     with serving(argv, env, port) as proc:
         sent = send_credentials(f"http://127.0.0.1:{port}", DEPLOY_SECRETS["ADMIN_TOKEN"])
+        views = admin_views(f"http://127.0.0.1:{port}", DEPLOY_SECRETS["ADMIN_TOKEN"])
     output = proc.stdout.read()
     assert "GET /data?api_key=rl_" in output  # the access log is on, and names the key by its prefix
-    assert leaks([output, *files_under(tmp_path / "data")], sent) == []
+    assert leaks([output, *views, *files_under(tmp_path / "data")], sent) == []
 
 
 class Slowloris:
