@@ -83,7 +83,8 @@ class PendingRequest:
     data: bytearray = dataclasses.field(default_factory=bytearray)
 
     def read_available(self, sock: socket.socket) -> bool:
-        """Append what the client has sent, without blocking; False once it has closed."""
+        """Append what the client has sent, without blocking; False once it has closed its side
+        (a request sent before that is still answered)."""
         while True:
             try:
                 chunk = sock.recv(64 * 1024, socket.MSG_DONTWAIT)
@@ -150,13 +151,13 @@ class BufferingThreadWorker(gthread.ThreadWorker):
                 pending.data += conn.parser.unreader.take_buffered()
             conn.pending_request = pending
         try:
-            open_ = pending.read_available(conn.sock)
+            peer_open = pending.read_available(conn.sock)
         except OSError:
-            return False
-        if not open_:
             return False
         data = bytes(pending.data)
         if not request_complete(data):
+            if not peer_open:
+                return False
             if b"\r\n\r\n" not in data and len(data) > MAX_HEAD_BYTES:
                 refuse(conn.sock, "431 Request Header Fields Too Large")
                 return False

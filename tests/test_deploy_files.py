@@ -301,6 +301,17 @@ def test_slow_and_half_open_clients_do_not_stall_the_deployed_command(tmp_path: 
                 time.sleep(0.2)
             assert all(closed(sock) for sock in attack.socks), "slow clients must be cut off"
         assert served_within(port) < 1.0
+        assert answer_after_half_close(port).startswith(b"HTTP/1.0 200")  # sent, then shut its side: answered
+
+
+def answer_after_half_close(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
 
 
 def closed(sock: socket.socket) -> bool:
