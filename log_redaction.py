@@ -5,10 +5,10 @@ logs print the raw request line, and an exception message can quote a URL. ``ins
 the logging module's record factory, so whatever the logger (gunicorn.access, werkzeug, aiohttp,
 ours) and whatever the handler (stdout, files, syslog), the message is already clean.
 
-Masked: values of secret-looking query/form parameters (``api_key``, ``token``, ``password``…),
-API keys anywhere (their public prefix stays, for tracing), JWTs, ``Bearer``/``Basic``
-credentials and the values of the ``Authorization``, ``X-API-Key``, ``X-Admin-Token`` and
-``Cookie`` headers when a line quotes them.
+Masked: values of secret-looking query/form parameters and JSON fields (``api_key``, ``token``,
+``password``…), API keys anywhere (their public prefix stays, for tracing), JWTs,
+``Bearer``/``Basic`` credentials and the values of the ``Authorization``, ``X-API-Key``,
+``X-Admin-Token`` and ``Cookie`` headers when a line quotes them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ SECRET_PARAMETERS = frozenset({
 })
 
 _PAIR_RE = re.compile(r"(?P<name>[A-Za-z0-9_.~%+-]+)=(?P<value>[^&;\s\"'#<>]*)")
+_JSON_PAIR_RE = re.compile(r'"(?P<name>[A-Za-z0-9_-]+)"(?P<sep>\s*:\s*)"(?P<value>(?:[^"\\]|\\.)*)"')
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _SCHEME_RE = re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)(?!\[REDACTED)[A-Za-z0-9._~+/=%-]{6,}")
 _HEADER_RE = re.compile(
@@ -50,10 +51,19 @@ def _mask_pair(match: re.Match[str]) -> str:
     return f"{match['name']}={masked if masked != value and len(masked) == 12 else MASK}"
 
 
+def _mask_json_pair(match: re.Match[str]) -> str:
+    name = match["name"].lower().replace("-", "_")
+    if name not in SECRET_PARAMETERS or not match["value"]:
+        return match[0]
+    return f'"{match["name"]}"{match["sep"]}"{MASK}"'
+
+
 def redact(text: str) -> str:
     """``text`` with every credential it quotes masked (see the module docstring)."""
     if "=" in text:
         text = _PAIR_RE.sub(_mask_pair, text)
+    if '"' in text:
+        text = _JSON_PAIR_RE.sub(_mask_json_pair, text)
     text = mask_api_key(text)
     text = _JWT_RE.sub(MASK, text)
     text = _SCHEME_RE.sub(lambda m: f"{m[1]} {MASK}", text)
