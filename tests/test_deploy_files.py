@@ -295,12 +295,12 @@ def test_slow_and_half_open_clients_do_not_stall_the_deployed_command(tmp_path: 
         threads = 8  # gunicorn.conf.py
         with Slowloris(port, trickling=2 * workers * threads + 4, silent=2 * workers * threads) as attack:
             time.sleep(1)  # let every slow client be accepted and start its head
-            assert max(served_within(port) for _ in range(5)) < 1.0
+            assert max(served_within(port) for _ in range(5)) < 2.0
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not all(closed(sock) for sock in attack.socks):
                 time.sleep(0.2)
             assert all(closed(sock) for sock in attack.socks), "slow clients must be cut off"
-        assert served_within(port) < 1.0
+        assert served_within(port) < 2.0
         assert answer_after_half_close(port).startswith(b"HTTP/1.0 200")  # sent, then shut its side: answered
 
 
