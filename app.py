@@ -39,6 +39,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import auth
 import database as db
 import errors
+import log_redaction
 from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
 from errors import ApiError, bad_request
@@ -1468,6 +1469,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     """Build the API. Raises ConfigError / database.DatabaseError with a one-line message."""
     config = (config or Config.from_env()).validate()
     configure_logging(config)
+    log_redaction.install()  # werkzeug's and gunicorn's access logs quote ?api_key=
     if config.jwt_secret_generated:
         log.warning("JWT_SECRET_KEY is not set: using a random key for this process (tokens die on restart)")
     if config.web_concurrency > 1 and config.store_kind == "memory":

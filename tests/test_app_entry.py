@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.leak_probe import admin_views, files_under, leaks, send_credentials
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,5 +135,38 @@ def test_gunicorn_worker_flag_is_seen_by_the_app(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{free_port()}",
                              "--no-control-socket", "app:app"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert "3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL") == 1
+    assert "Booting worker" not in result.stderr  # refused by the master: no worker races to fail
+
+
+@pytest.mark.parametrize("env", [
+    {"FLASK_ENV": "production", "ADMIN_TOKEN": "x"},
+    {"DB_PATH": "/nonexistent-dir/x.db"},
+], ids=["config", "database"])
+def test_gunicorn_refuses_in_the_master_before_forking_any_worker(tmp_path, env):
+    """Several workers failing at once made gunicorn's arbiter crash (exit 1, HaltServer traceback)."""
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{free_port()}",
+                             "--no-control-socket", "app:app"],
+                            cwd=ROOT, env=base_env(tmp_path, **env), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
+    assert "Booting worker" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("socketio", ["false", "true"])
+def test_python_app_logs_no_key_or_token(tmp_path, socketio):
+    """werkzeug's request lines quote the query string: `?api_key=` must come out masked."""
+    port = free_port()
+    admin = "entry-admin-token-0123456789"
+    env = base_env(tmp_path, JWT_SECRET_KEY=SECRET, ADMIN_TOKEN=admin, ENABLE_SOCKETIO=socketio)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", proc)
+        sent = send_credentials(f"http://127.0.0.1:{port}", admin)
+        views = admin_views(f"http://127.0.0.1:{port}", admin)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert leaks([out, err, *views, *files_under(tmp_path)], sent) == []
