@@ -326,13 +326,19 @@ def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (
     return decision
 
 
+def clean_tier(svc: Services, decision: RequestDecision) -> str:
+    """The tier to report for a decision, the same in headers and body.
+
+    The store's meta is data, not trusted: a tier it does not know was limited at the default
+    (free) limit, and must not reach headers, bodies, metrics labels or analytics rows as it is."""
+    return decision.tier if decision.tier in svc.config.tier_limits else "free"
+
+
 def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: KeyRecord | None,
                 user_id: int) -> LimitResult:
     """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
     result = decision.result
-    # The store's meta is data, not trusted: a tier it does not know was limited at the default
-    # (free) limit, and must not reach headers, metrics labels or analytics rows as it is.
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     g.tier = tier
@@ -428,7 +434,7 @@ def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitRes
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
     result = apply_limit(svc, decision, subject, key=record, user_id=record.user_id)
-    return record, result, decision.tier or "free"
+    return record, result, clean_tier(svc, decision)
 
 
 def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
@@ -439,7 +445,7 @@ def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult
     decision = decide(svc, ip, subject, consume=False)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     result = decision.result
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
@@ -712,7 +718,7 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
     if decision.blocked:
         raise ApiError(401, "invalid_token", "The account of this token no longer exists")
     result = apply_limit(svc, decision, subject, key=None, user_id=g.user_id)
-    return result, decision.tier or "free"
+    return result, clean_tier(svc, decision)
 
 
 @data_bp.get("/usage")

@@ -55,6 +55,16 @@ def admin_paths(app) -> list[str]:
     return sorted({concrete(rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint.startswith("admin.")})
 
 
+def key_subject(app, key: dict[str, Any]) -> str:
+    """The limiter subject of an API key as created by the API."""
+    return f"k:{key['id']}"
+
+
+def user_subject(app, user: dict[str, Any]) -> str:
+    """The limiter subject of a registered user's tokens."""
+    return f"u:{user['user']['id']}"
+
+
 def audit_count(app) -> int:
     with app.extensions["rl"].engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(db.audit_log)).scalar_one()
@@ -672,6 +682,24 @@ def test_unknown_tier_in_store_meta_falls_back_to_the_default_limit(make_app, au
     statuses = [client.get("/data", headers={"X-API-Key": key["api_key"]}) for _ in range(6)]
     assert [r.status_code for r in statuses] == [200] * 5 + [429]
     assert statuses[0].get_json()["usage"]["limit"] == app.extensions["rl.config"].tier_limits["free"]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_data_body_and_headers_report_the_same_cleaned_tier(make_app, auth, store):
+    """A tier the store holds but the config does not know is reported as the tier it was limited
+    at (free) in the body as in the headers, for a key and for a user's token."""
+    app = make_app(store=store)
+    client = app.test_client()
+    auth._client = client
+    user, key = auth.user_with_key()
+    svc = app.extensions["rl"]
+    svc.limiter.set_meta(key_subject(app, key), tier="platinum", blocked=False)
+    svc.limiter.set_meta(user_subject(app, user), tier="platinum", blocked=False)
+    for response in (client.get("/data", headers={"X-API-Key": key["api_key"]}),
+                     client.get("/data", headers=auth.bearer(user["access_token"]))):
+        assert response.status_code == 200
+        assert response.get_json()["tier"] == "free"
+        assert response.headers["RateLimit-Policy"].startswith('"free";')
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
