@@ -51,6 +51,7 @@ VERSION = "1.0.0"
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MAX_KEYS_PER_USER = 25
+KEY_GENERATION_ATTEMPTS = 5  # draws of a new key when its prefix collides with an existing one
 MAX_PER_PAGE = 200
 SDK_CACHE_SECONDS = 300
 # Routes that never count against the per-IP limit: static files and liveness.
@@ -636,7 +637,25 @@ def create_api_key() -> tuple[Response, int]:
     svc = services()
     body = json_body(optional=True)
     name = (str_field(body, "name", required=False, max_len=100) or "").strip()
-    new_key = auth.generate_api_key()
+    # The visible prefix has 32 random bits: among many keys two can collide (birthday bound), and
+    # the unique index then refuses the insert. A fresh key is drawn instead of answering 500.
+    for attempt in range(KEY_GENERATION_ATTEMPTS):
+        new_key = auth.generate_api_key()
+        try:
+            key_id, user, now = insert_api_key(svc, new_key, name)
+            break
+        except sa.exc.IntegrityError:
+            if attempt == KEY_GENERATION_ATTEMPTS - 1:
+                raise
+            log.warning("API key prefix or hash collision; drawing a new key")
+    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
+    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
+                   created_at=db.iso(now),
+                   message="Store this key now: it is shown only once"), 201
+
+
+def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str) -> tuple[int, Any, dt.datetime]:
+    """Insert the caller's new key under the per-user cap; (key id, user row, creation time)."""
     now = db.utcnow()
     with svc.engine.begin() as conn:
         user = current_user_row(conn)
@@ -650,10 +669,7 @@ def create_api_key() -> tuple[Response, int]:
             user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
             created_at=now,
         ).returning(db.api_keys.c.id)).scalar_one()
-    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
-    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
-                   created_at=db.iso(now),
-                   message="Store this key now: it is shown only once"), 201
+    return key_id, user, now
 
 
 @auth_bp.delete("/api_keys/<int(max=2147483647):key_id>")

@@ -264,6 +264,31 @@ def test_key_count_per_user_is_capped(client, auth):
     assert response.status_code == 409 and response.get_json()["error"] == "too_many_keys"
 
 
+def test_a_colliding_key_prefix_draws_a_new_key_instead_of_a_500(client, auth, monkeypatch):
+    """32 random bits of prefix collide now and then: the generator is forced to repeat the prefix
+    of an existing key twice, and the third draw must be used."""
+    real_token_hex = auth_module.secrets.token_hex
+    forced = {"left": 1}
+
+    def colliding_token_hex(nbytes: int | None = None) -> str:
+        if nbytes == 4 and forced["left"] > 0:
+            forced["left"] -= 1
+            return "deadbeef"
+        return real_token_hex(nbytes)
+
+    monkeypatch.setattr(auth_module.secrets, "token_hex", colliding_token_hex)
+    tokens = auth.register("collider")
+    first = auth.create_key(tokens["access_token"])
+    assert first["prefix"] == "rl_deadbeef"
+    forced["left"] = 2
+    response = client.post("/auth/create_api_key", json={"name": "second"}, headers=auth.bearer(tokens["access_token"]))
+    assert response.status_code == 201, response.get_json()
+    second = response.get_json()
+    assert second["prefix"] != first["prefix"] and forced["left"] == 0
+    assert client.get("/data", headers={"X-API-Key": second["api_key"]}).status_code == 200
+    assert client.get("/data", headers={"X-API-Key": first["api_key"]}).status_code == 200
+
+
 def test_user_cannot_set_own_tier_on_register(client):
     response = client.post("/auth/register", json={"username": "sam", "password": PASSWORD, "tier": "enterprise"})
     assert response.status_code == 201 and response.get_json()["user"]["tier"] == "free"
