@@ -514,8 +514,11 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 
 def throttle(svc: Services, name: str, limit: int, window: int, code: str, message: str) -> None:
-    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count."""
-    result = svc.limiter.hit(name, limit, window)
+    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count.
+
+    Brute-force protection must outlive a store outage: in fail mode "open" these still count per
+    process (the limiter's fallback store) rather than admitting every attempt."""
+    result = svc.limiter.hit(name, limit, window, open_when_down=False)
     if not result.allowed:
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, code, message, headers={"Retry-After": str(retry)}, retry_after=retry)

@@ -105,6 +105,25 @@ def test_registration_is_throttled_per_ip(make_app):
     assert response.status_code == 429 and response.get_json()["error"] == "too_many_registrations"
 
 
+@pytest.mark.parametrize("mode", ["open", "memory"])
+def test_sign_in_and_registration_throttles_hold_while_the_store_is_down(make_app, mode):
+    """RATELIMIT_FAIL_MODE=open admits API traffic during an outage, but brute-force protection
+    keeps counting per process (the store here is a closed port, not the shared Redis)."""
+    from tests.services import free_port
+
+    client = make_app(storage_url=f"redis://127.0.0.1:{free_port()}/0", fail_mode=mode,
+                      login_failures_per_ip=3, register_per_ip_per_hour=2).test_client()
+    for name in ("down1", "down2"):
+        assert client.post("/auth/register", json={"username": name, "password": PASSWORD}).status_code == 201
+    response = client.post("/auth/register", json={"username": "down3", "password": PASSWORD})
+    assert response.status_code == 429 and response.get_json()["error"] == "too_many_registrations"
+    for _ in range(3):
+        assert client.post("/auth/login", json={"username": "down1", "password": "bad-password"}).status_code == 401
+    response = client.post("/auth/login", json={"username": "down1", "password": PASSWORD})
+    assert response.status_code == 429 and response.get_json()["error"] == "too_many_failed_logins"
+    assert client.get("/health").get_json()["checks"]["limiter_store"] == "degraded"
+
+
 def test_passwords_are_stored_as_bcrypt(client, auth):
     import sqlalchemy as sa
 
