@@ -215,15 +215,45 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
     try:
         body = request.get_json(silent=True)
-        if isinstance(body, dict):  # a lone surrogate ("\ud800") parses, but cannot be hashed or stored
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except (RecursionError, UnicodeEncodeError):  # nesting deeper than the parser allows, or that surrogate
+    except RecursionError:  # nesting deeper than the parser allows
         body = None
     if body is None:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
     if not isinstance(body, dict):
         raise ApiError(400, "malformed_json", "The JSON body must be an object")
+    for name, value in body.items():
+        if not storable_text(name):
+            raise ApiError(400, "malformed_json", "A member name holds a NUL character or an unpaired surrogate")
+        if not storable_text(value):
+            raise bad_request(name[:100], f"'{name[:100]}' must not contain NUL characters or unpaired surrogates")
     return body
+
+
+def storable_text(value: Any) -> bool:
+    """False if a string in ``value`` (nested lists and objects included) holds a NUL, which
+    PostgreSQL cannot store in text, or a lone surrogate ("\\ud800" parses as JSON), which UTF-8
+    cannot encode, so cannot be hashed, stored or logged. Checked once for every JSON body, so no
+    route can forget it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not item.isascii() and _has_surrogate(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str | None:
