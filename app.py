@@ -61,6 +61,21 @@ ADMIN_ROOM = "admins"  # Socket.IO room of dashboard sockets that connected with
 
 # --- services ------------------------------------------------------------------------------
 
+KEY_TAG_CHARS = 16  # hex digits of the key's hash in its limiter subject
+
+
+def key_subject(key_id: int, key_hash: str) -> str:
+    """Limiter subject of an API key: id and the start of the key's hash, so that a cached record
+    or store entry of a deleted key can never match a later key that got the same id."""
+    return f"k:{key_id}.{key_hash[:KEY_TAG_CHARS]}"
+
+
+def user_subject(user_id: int, stamp: str) -> str:
+    """Limiter subject of a user's tokens: id and account stamp (``auth.account_stamp``), so that a
+    deleted account's tokens never reach the meta or counters of an account that got the same id."""
+    return f"u:{user_id}.{stamp}"
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyRecord:
     """Identity of an API key (immutable); tier and blocked state live in the limiter store."""
@@ -69,6 +84,11 @@ class KeyRecord:
     user_id: int
     prefix: str
     name: str
+    tag: str  # the start of the key's hash: binds the record to this very key
+
+    @property
+    def subject(self) -> str:
+        return key_subject(self.id, self.tag)
 
 
 class KeyDirectory:
@@ -111,7 +131,7 @@ class KeyDirectory:
             ).first()
         record = None
         if row is not None and hmac.compare_digest(row.key_hash, key_hash):
-            record = KeyRecord(row.id, row.user_id, row.prefix, row.name)
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, row.key_hash[:KEY_TAG_CHARS])
         with self._lock:
             if record is None:
                 self._misses[key_hash] = self._clock() + self._miss_ttl
@@ -325,20 +345,24 @@ def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
 
 
 def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
-    """Tier and blocked state of ``k:<id>`` or ``u:<id>`` from the database."""
-    kind, _, ident = subject.partition(":")
+    """Tier and blocked state of a key or user subject from the database; blocked when the row is
+    gone or is another key or account than the subject's tag names (an id given out again)."""
+    kind, _, rest = subject.partition(":")
+    ident, _, tag = rest.partition(".")
     with svc.engine.connect() as conn:
         if kind == "k":
             row = conn.execute(
-                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
+                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at, db.api_keys.c.key_hash)
                 .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
                 .where(db.api_keys.c.id == int(ident))
             ).first()
-            if row is None:
+            if row is None or not tag or not row.key_hash.startswith(tag):
                 return "free", True
             return row.tier, bool(row.blocked or row.revoked_at is not None)
-        row = conn.execute(sa.select(db.users.c.tier).where(db.users.c.id == int(ident))).first()
-        return (row.tier if row else "free"), row is None
+        row = conn.execute(sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))).first()
+        if row is None or auth.account_stamp(row.created_at) != tag:
+            return "free", True
+        return row.tier, False
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
@@ -373,10 +397,13 @@ def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: 
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     g.tier = tier
-    svc.usage.record(subject, key_id=key.id if key else None, user_id=user_id, tier=tier, allowed=result.allowed)
+    # Analytics rows keep the plain "k:<id>" / "u:<id>" subjects: ids are never reused in the database.
+    usage_subject = f"k:{key.id}" if key else f"u:{user_id}"
+    svc.usage.record(usage_subject, key_id=key.id if key else None, user_id=user_id, tier=tier,
+                     allowed=result.allowed)
     svc.metrics.observe_decision(tier, result.allowed)
     if not result.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else subject)
+        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit of {result.limit} requests per {svc.config.window_seconds} s exceeded "
@@ -448,9 +475,10 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
     """Blocked in the store: tell a revoked key (401) from a blocked one (403)."""
     with svc.engine.connect() as conn:
         row = conn.execute(
-            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason).where(db.api_keys.c.id == record.id)
+            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason, db.api_keys.c.key_hash)
+            .where(db.api_keys.c.id == record.id)
         ).first()
-    if row is None or row.revoked_at is not None:
+    if row is None or row.revoked_at is not None or not row.key_hash.startswith(record.tag):
         svc.keys.forget(record.id)
         return ApiError(401, "invalid_api_key", "The API key is not valid")
     return ApiError(403, "api_key_blocked", "This API key has been blocked by an administrator",
@@ -460,7 +488,7 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
 def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
     """Authenticate a key and count one request against it (the hot path); 401/403/429 raise."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
@@ -472,7 +500,7 @@ def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult
     """Authenticate a key and read its window without consuming (for /usage and /sdk/check):
     the same single store call as /data, tier and block state included, no database read."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject, consume=False)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
@@ -581,7 +609,7 @@ def register() -> tuple[Response, int]:
             ).returning(db.users.c.id)).scalar_one()
     except sa.exc.IntegrityError:
         raise ApiError(409, "username_taken", f"The username '{username}' is already taken") from None
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=False)
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(now)), tier="free", blocked=False)
     user = {"id": user_id, "username": username, "email": email, "tier": "free", "created_at": db.iso(now)}
     return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
 
@@ -681,7 +709,7 @@ def create_api_key() -> tuple[Response, int]:
             if attempt == KEY_GENERATION_ATTEMPTS - 1:
                 raise
             log.warning("API key prefix or hash collision; drawing a new key")
-    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
+    svc.limiter.set_meta(key_subject(key_id, new_key.key_hash), tier=user.tier, blocked=False)
     return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
                    created_at=db.iso(now),
                    message="Store this key now: it is shown only once"), 201
@@ -716,13 +744,13 @@ def revoke_own_key(key_id: int) -> Response:
         if row is None:  # another user's key looks exactly like a missing one
             raise ApiError(404, "key_not_found", f"You have no active API key with id {key_id}")
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key_id).values(revoked_at=db.utcnow()))
-    revoke_in_store(svc, key_id)
+    revoke_in_store(svc, key_id, row.key_hash)
     return jsonify(message="API key revoked", key={"id": key_id, "prefix": row.prefix, "revoked": True})
 
 
-def revoke_in_store(svc: Services, key_id: int) -> None:
+def revoke_in_store(svc: Services, key_id: int, key_hash: str) -> None:
     """Every worker refuses a revoked key on its next request: blocked in the shared meta."""
-    svc.limiter.set_meta(f"k:{key_id}", tier="free", blocked=True)
+    svc.limiter.set_meta(key_subject(key_id, key_hash), tier="free", blocked=True)
     svc.keys.forget(key_id)
 
 
@@ -758,7 +786,7 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
         ip_guard(svc, g.client_ip)
         raise
     g.user_id = int(claims["sub"])
-    subject = f"u:{g.user_id}"
+    subject = user_subject(g.user_id, claims["gen"])
     flag = f"revoked:{claims['jti']}"
     decision = decide(svc, g.client_ip, subject, [flag])
     revoked = decision.flags.get(flag, False) or (svc.limiter.health() != "ok" and manager.is_revoked(claims["jti"]))
@@ -900,15 +928,17 @@ def delete_user(user_id: int) -> Response:
         user = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
         if user is None:
             raise ApiError(404, "user_not_found", "No such user")
-        key_ids = [row.id for row in conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.user_id == user_id))]
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash)
+                            .where(db.api_keys.c.user_id == user_id)).all()
         conn.execute(db.api_keys.delete().where(db.api_keys.c.user_id == user_id))
         conn.execute(db.refresh_tokens.delete().where(db.refresh_tokens.c.user_id == user_id))
         conn.execute(db.users.delete().where(db.users.c.id == user_id))
-        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(key_ids))
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=True)  # its JWTs die with it
-    for key_id in key_ids:
-        revoke_in_store(svc, key_id)
-    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(key_ids))
+        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(keys))
+    # Its JWTs die with it (and, carrying its account stamp, never match a later account).
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(user.created_at)), tier="free", blocked=True)
+    for key in keys:
+        revoke_in_store(svc, key.id, key.key_hash)
+    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(keys))
 
 
 @admin_bp.get("/admin/keys")
@@ -939,13 +969,13 @@ def upgrade_tier() -> Response:
     with svc.engine.begin() as conn:
         user = find_user(conn, body)
         conn.execute(db.users.update().where(db.users.c.id == user.id).values(tier=tier, updated_at=db.utcnow()))
-        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
-                            .where(db.api_keys.c.user_id == user.id)).all()
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash, db.api_keys.c.blocked,
+                                      db.api_keys.c.revoked_at).where(db.api_keys.c.user_id == user.id)).all()
         audit(conn, "upgrade_tier", f"user:{user.username}", old_tier=user.tier, new_tier=tier, user_id=user.id)
         updated = conn.execute(sa.select(db.users).where(db.users.c.id == user.id)).first()
-    svc.limiter.set_meta(f"u:{user.id}", tier=tier, blocked=False)
+    svc.limiter.set_meta(user_subject(user.id, auth.account_stamp(user.created_at)), tier=tier, blocked=False)
     for key in keys:
-        svc.limiter.set_meta(f"k:{key.id}", tier=tier, blocked=bool(key.blocked or key.revoked_at))
+        svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=tier, blocked=bool(key.blocked or key.revoked_at))
     svc.events.emit("tier_changed", user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
     return jsonify(user=user_json(updated))
 
@@ -960,7 +990,8 @@ def set_key_blocked(blocked: bool) -> Response:
                      .values(blocked=blocked, blocked_reason=reason if blocked else None))
         audit(conn, "block_key" if blocked else "unblock_key", f"key:{key.prefix}", key_id=key.id,
               owner=key.username, reason=reason)
-    svc.limiter.set_meta(f"k:{key.id}", tier=key.tier, blocked=blocked or key.revoked_at is not None)
+    svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=key.tier,
+                         blocked=blocked or key.revoked_at is not None)
     svc.events.emit("key_blocked" if blocked else "key_unblocked", key.prefix, owner=key.username, reason=reason,
                     actor=g.admin_actor)
     return jsonify(key={"id": key.id, "prefix": key.prefix, "name": key.name, "blocked": blocked,
@@ -988,7 +1019,7 @@ def admin_revoke_key() -> Response:
         key = find_key(conn, body)
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id).values(revoked_at=db.utcnow()))
         audit(conn, "revoke_key", f"key:{key.prefix}", key_id=key.id, owner=key.username)
-    revoke_in_store(svc, key.id)
+    revoke_in_store(svc, key.id, key.key_hash)
     svc.events.emit("key_banned", key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
     return jsonify(key={"id": key.id, "prefix": key.prefix, "revoked": True, "blocked": True})
 

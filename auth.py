@@ -15,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -34,6 +35,8 @@ ALGORITHM = "HS256"
 ISSUER = "ratelimiter"
 API_KEY_SCHEME = "rl"
 MAX_PASSWORD_CHARS = 1024
+EPOCH = dt.datetime(1970, 1, 1)
+STAMP_RE = re.compile(r"[0-9a-f]{1,16}")
 
 
 # --- passwords ------------------------------------------------------------------------------
@@ -82,6 +85,19 @@ def looks_like_api_key(value: str) -> bool:
 
 # --- tokens --------------------------------------------------------------------------------
 
+def account_stamp(created_at: dt.datetime) -> str:
+    """What binds a token to one account: its creation time in microseconds, in hex (claim ``gen``).
+
+    A user id alone does not name one account for ever (a restored backup, or SQLite before
+    AUTOINCREMENT, can hand a deleted account's id to a new one); a new account never has the
+    creation time of the deleted one, so the deleted account's tokens do not open it."""
+    return format((created_at - EPOCH) // dt.timedelta(microseconds=1), "x")
+
+
+def account_gone() -> ApiError:
+    return ApiError(401, "invalid_token", "The account of this token no longer exists")
+
+
 class JWTManager:
     """Issues and checks tokens; keeps refresh families and revocations in the database and
     mirrors revocations into the limiter's shared store so every worker sees them at once."""
@@ -114,14 +130,20 @@ class JWTManager:
         with self._engine().begin() as conn:
             return self._issue(conn, user_id, family_id)
 
-    def _issue(self, conn: sa.Connection, user_id: int, family_id: str | None) -> dict[str, Any]:
+    def _issue(self, conn: sa.Connection, user_id: int, family_id: str | None,
+               stamp: str | None = None) -> dict[str, Any]:
+        """Tokens for ``user_id``, bound to its account stamp (which must equal ``stamp`` if given)."""
+        created = conn.execute(sa.select(db.users.c.created_at).where(db.users.c.id == user_id)).scalar()
+        if created is None or (stamp is not None and account_stamp(created) != stamp):
+            raise account_gone()
+        stamp = account_stamp(created)
         config = self._config()
         now = int(dt.datetime.now(dt.UTC).timestamp())
         family_id = family_id or uuid.uuid4().hex
-        access = {"sub": str(user_id), "iat": now, "exp": now + config.access_token_ttl,
+        access = {"sub": str(user_id), "gen": stamp, "iat": now, "exp": now + config.access_token_ttl,
                   "jti": uuid.uuid4().hex, "type": "access", "iss": ISSUER}
         refresh_jti = uuid.uuid4().hex
-        refresh = {"sub": str(user_id), "iat": now, "exp": now + config.refresh_token_ttl,
+        refresh = {"sub": str(user_id), "gen": stamp, "iat": now, "exp": now + config.refresh_token_ttl,
                    "jti": refresh_jti, "type": "refresh", "fam": family_id, "iss": ISSUER}
         issued = db.utcnow()
         conn.execute(db.refresh_tokens.insert().values(
@@ -143,7 +165,7 @@ class JWTManager:
                 self._config().jwt_secret_key,
                 algorithms=[ALGORITHM],
                 issuer=ISSUER,
-                options={"require": ["exp", "iat", "jti", "sub", "type"]},
+                options={"require": ["exp", "iat", "jti", "sub", "type", "gen"]},
             )
         except jwt.ExpiredSignatureError:
             raise ApiError(401, "token_expired", "The token has expired") from None
@@ -153,7 +175,18 @@ class JWTManager:
             raise ApiError(401, "invalid_token", f"An {expected_type} token is required")
         if not str(claims["sub"]).isdigit():
             raise ApiError(401, "invalid_token", "The token subject is invalid")
+        if not isinstance(claims["gen"], str) or not STAMP_RE.fullmatch(claims["gen"]):
+            raise ApiError(401, "invalid_token", "The token's account stamp is invalid")
         return claims
+
+    def check_account(self, claims: dict[str, Any]) -> None:
+        """401 unless the token's account still exists: same id and same account stamp."""
+        with self._engine().connect() as conn:
+            created = conn.execute(
+                sa.select(db.users.c.created_at).where(db.users.c.id == int(claims["sub"]))
+            ).scalar()
+        if created is None or account_stamp(created) != claims["gen"]:
+            raise account_gone()
 
     def is_revoked(self, jti: str) -> bool:
         """Shared store first (fast, seen by all workers); the database when the store is degraded."""
@@ -207,7 +240,7 @@ class JWTManager:
                 )
                 .values(used_at=db.utcnow())
             ).rowcount
-            tokens = self._issue(conn, int(claims["sub"]), family_id) if spent == 1 else None
+            tokens = self._issue(conn, int(claims["sub"]), family_id, claims["gen"]) if spent == 1 else None
         if tokens is None:
             self.revoke_family(family_id)
             log.warning("refresh token reuse detected; revoked family %s of user %s", family_id, claims["sub"])
@@ -238,11 +271,12 @@ def bearer_token() -> str | None:
 
 
 def authenticate_access_token(token: str) -> dict[str, Any]:
-    """Claims of a valid, unrevoked access token, or ApiError(401)."""
+    """Claims of a valid, unrevoked access token of an account that still exists, or ApiError(401)."""
     manager: JWTManager = current_app.extensions["jwt"]
     claims = manager.decode(token, "access")
     if manager.is_revoked(claims["jti"]):
         raise ApiError(401, "token_revoked", "The token has been revoked")
+    manager.check_account(claims)
     return claims
 
 
