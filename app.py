@@ -368,13 +368,14 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
            consume: bool = True) -> RequestDecision:
     """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
-    (a second trip only if the subject's meta was evicted from the store)."""
+    (a second trip only if the subject's meta was evicted from the store). ``meta_missing`` stays
+    True when the meta had to be loaded: the store may have lost other data (flags) too."""
     decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
         tier, blocked = load_meta(svc, subject)
         svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
         retry = svc.limiter.check_request(None, subject, flags, consume=consume)
-        decision = retry._replace(ip=decision.ip)
+        decision = retry._replace(ip=decision.ip, meta_missing=True)
     if ip is not None:
         g.ip_checked = True
         record_ip_decision(svc, ip, decision.ip)
@@ -789,7 +790,8 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
     subject = user_subject(g.user_id, claims["gen"])
     flag = f"revoked:{claims['jti']}"
     decision = decide(svc, g.client_ip, subject, [flag])
-    revoked = decision.flags.get(flag, False) or (svc.limiter.health() != "ok" and manager.is_revoked(claims["jti"]))
+    revoked = decision.flags.get(flag, False) or manager.revoked_although_not_flagged(
+        claims["jti"], store_lost_meta=decision.meta_missing)
     if revoked:
         raise ApiError(401, "token_revoked", "The token has been revoked")
     if decision.blocked:
@@ -1449,10 +1451,13 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly", {"Retry-After": "5"}))
     svc = build_services(config, clock)
     app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
-    auth.JWTManager(app)
+    auth.JWTManager(app, clock=clock)
     svc.notifier.init_app(app)
     with app.app_context():
-        current_app.extensions["jwt"].load_revocations()
+        try:
+            current_app.extensions["jwt"].load_revocations()
+        except StoreUnavailable:  # fail mode closed, store down: seeded on the first request that finds it empty
+            log.warning("rate-limit store unreachable at start-up; revocations will be seeded when it answers")
     for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)

@@ -17,6 +17,8 @@ import hmac
 import logging
 import re
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +39,12 @@ API_KEY_SCHEME = "rl"
 MAX_PASSWORD_CHARS = 1024
 EPOCH = dt.datetime(1970, 1, 1)
 STAMP_RE = re.compile(r"[0-9a-f]{1,16}")
+# Present in the store while it holds every revocation: written after re-seeding them from the
+# database, gone with the data when the store restarts empty, fails over or is flushed.
+SEEDED_FLAG = "revocations-seeded"
+SEEDED_TTL = 7 * 86400
+REVOCATION_SYNC_SECONDS = 2.0  # how stale a process's copy of the revocations may get
+REVOCATION_SYNC_SLACK = dt.timedelta(seconds=60)  # rows committed late, clocks of other hosts
 
 
 # --- passwords ------------------------------------------------------------------------------
@@ -98,16 +106,66 @@ def account_gone() -> ApiError:
     return ApiError(401, "invalid_token", "The account of this token no longer exists")
 
 
+class RevocationMirror:
+    """This process's copy of the revocations in the database, refreshed at most every
+    ``interval`` seconds of ``clock`` (only rows revoked since the last refresh are read).
+
+    The store's flags are the fast path every worker sees at once; this copy is what makes a
+    revocation hold when the store forgets a flag (eviction) without forgetting everything."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, interval: float = REVOCATION_SYNC_SECONDS) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._expires: dict[str, dt.datetime] = {}
+        self._synced_at = -float("inf")
+        self._high_water: dt.datetime | None = None  # latest revoked_at seen
+
+    def add(self, jti: str, expires: dt.datetime) -> None:
+        with self._lock:
+            self._expires[jti] = expires
+
+    def contains(self, engine: sa.Engine, jti: str) -> bool:
+        now = self._clock()
+        if not 0 <= now - self._synced_at < self._interval:
+            self.sync(engine)
+        with self._lock:
+            return jti in self._expires
+
+    def sync(self, engine: sa.Engine, *, full: bool = False) -> None:
+        """Read revocations made since the last sync (all unexpired ones on the first, or ``full``)."""
+        c = db.revoked_tokens.c
+        now = db.utcnow()
+        query = sa.select(c.jti, c.expires_at, c.revoked_at).where(c.expires_at > now)
+        with self._lock:
+            since = None if full or self._high_water is None else self._high_water - REVOCATION_SYNC_SLACK
+            self._synced_at = self._clock()
+        if since is not None:
+            query = query.where(c.revoked_at >= since)
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        with self._lock:
+            for jti, expires, revoked in rows:
+                self._expires[jti] = expires
+                if self._high_water is None or revoked > self._high_water:
+                    self._high_water = revoked
+            if self._high_water is None:
+                self._high_water = now - REVOCATION_SYNC_SLACK
+            for jti in [j for j, expires in self._expires.items() if expires <= now]:
+                del self._expires[jti]
+
+
 class JWTManager:
     """Issues and checks tokens; keeps refresh families and revocations in the database and
     mirrors revocations into the limiter's shared store so every worker sees them at once."""
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, clock: Callable[[], float] = time.time) -> None:
         if app is not None:
-            self.init_app(app)
+            self.init_app(app, clock=clock)
 
-    def init_app(self, app: Flask) -> None:
+    def init_app(self, app: Flask, *, clock: Callable[[], float] = time.time) -> None:
         app.extensions["jwt"] = self
+        app.extensions["jwt.revocations"] = RevocationMirror(clock)
 
     # Settings are read from the app's Config at call time; nothing is kept on self.
     @staticmethod
@@ -121,6 +179,10 @@ class JWTManager:
     @staticmethod
     def _limiter():
         return current_app.extensions["rl.limiter"]
+
+    @staticmethod
+    def _mirror() -> RevocationMirror:
+        return current_app.extensions["jwt.revocations"]
 
     def _encode(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self._config().jwt_secret_key, algorithm=ALGORITHM)
@@ -189,16 +251,29 @@ class JWTManager:
             raise account_gone()
 
     def is_revoked(self, jti: str) -> bool:
-        """Shared store first (fast, seen by all workers); the database when the store is degraded."""
-        limiter = self._limiter()
-        if limiter.has_flag(f"revoked:{jti}"):
+        """Shared store first (seen by all workers at once), then the database: a store that lost
+        its data (restart, failover, eviction, flush) must not bring a revoked token back."""
+        if self._limiter().has_flag(f"revoked:{jti}"):
             return True
-        if limiter.health() == "ok":
-            return False
+        return self._revoked_in_database(jti)
+
+    def _revoked_in_database(self, jti: str) -> bool:
         with self._engine().connect() as conn:
             return conn.execute(
                 sa.select(db.revoked_tokens.c.jti).where(db.revoked_tokens.c.jti == jti)
             ).first() is not None
+
+    def revoked_although_not_flagged(self, jti: str, *, store_lost_meta: bool) -> bool:
+        """For the hot path, after the store showed no revocation flag. When the store did not have
+        the subject's meta either, it may have lost its data (restart, failover, flush): the token
+        is checked in the database, and the revocations are re-seeded if the store lost them.
+        Otherwise this process's copy of the revocations answers (a flag alone may be evicted)."""
+        if store_lost_meta:
+            if not self._limiter().has_flag(SEEDED_FLAG):
+                log.warning("the rate-limit store has lost its revocations; re-seeding them from the database")
+                self.load_revocations()
+            return self._revoked_in_database(jti)
+        return self._mirror().contains(self._engine(), jti)
 
     def revoke_access(self, claims: dict[str, Any]) -> None:
         now = db.utcnow()
@@ -210,6 +285,7 @@ class JWTManager:
             if not exists:
                 conn.execute(db.revoked_tokens.insert().values(
                     jti=claims["jti"], user_id=int(claims["sub"]), expires_at=expires, revoked_at=now))
+        self._mirror().add(claims["jti"], expires)
         ttl = max(1, int((expires - now).total_seconds()) + 1)
         self._limiter().set_flag(f"revoked:{claims['jti']}", ttl)
 
@@ -248,15 +324,19 @@ class JWTManager:
         return tokens
 
     def load_revocations(self) -> int:
-        """Copy unexpired revocations from the database into the store (after a restart)."""
+        """Copy unexpired revocations from the database into the store (at start-up, and when the
+        store is found without them), then mark the store as seeded; refresh this process's copy."""
         now = db.utcnow()
         with self._engine().connect() as conn:
             rows = conn.execute(
                 sa.select(db.revoked_tokens.c.jti, db.revoked_tokens.c.expires_at)
                 .where(db.revoked_tokens.c.expires_at > now)
             ).all()
+        self._mirror().sync(self._engine(), full=True)  # first: this process is covered even if the store is down
+        limiter = self._limiter()
         for jti, expires in rows:
-            self._limiter().set_flag(f"revoked:{jti}", max(1, int((expires - now).total_seconds()) + 1))
+            limiter.set_flag(f"revoked:{jti}", max(1, int((expires - now).total_seconds()) + 1))
+        limiter.set_flag(SEEDED_FLAG, SEEDED_TTL)  # last: seen only once every flag is there
         return len(rows)
 
 

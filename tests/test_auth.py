@@ -226,6 +226,50 @@ def test_revocation_is_seen_by_a_second_app_instance_sharing_the_store(make_app)
     assert me(second, tokens["access_token"]).status_code == 401
 
 
+def forget_store_keys(app, pattern: str = "*") -> int:
+    """What a Redis restart without persistence, a failover or a FLUSH does to this app's keys
+    (only its private prefix: the shared Redis is never flushed)."""
+    from tests.services import require_redis
+
+    client = require_redis()
+    prefix = app.extensions["rl.config"].key_prefix
+    keys = list(client.scan_iter(match=f"{prefix}:{pattern}", count=500))
+    if keys:
+        client.delete(*keys)
+    return len(keys)
+
+
+@pytest.mark.parametrize("route", ["/auth/me", "/data"])
+def test_a_revoked_token_stays_revoked_when_the_store_loses_its_data(make_app, route):
+    first = make_app(store="redis")
+    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    one, other = first.test_client(), second.test_client()
+    revoked = one.post("/auth/register", json={"username": "wiped", "password": PASSWORD}).get_json()
+    live = one.post("/auth/login", json={"username": "wiped", "password": PASSWORD}).get_json()
+    assert one.post("/auth/logout", headers={"Authorization": f"Bearer {revoked['access_token']}"}).status_code == 200
+    assert forget_store_keys(first) > 0
+    for client in (other, one):
+        response = client.get(route, headers={"Authorization": f"Bearer {revoked['access_token']}"})
+        assert response.status_code == 401 and response.get_json()["error"] == "token_revoked", client
+        assert client.get(route, headers={"Authorization": f"Bearer {live['access_token']}"}).status_code == 200
+
+
+def test_a_revoked_token_stays_revoked_when_only_its_flag_is_evicted(make_app, clock):
+    """Eviction can drop the flag and keep the rest: every process holds its own copy of the
+    revocations, re-read from the database at most every REVOCATION_SYNC_SECONDS."""
+    first = make_app(store="redis")
+    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    one, other = first.test_client(), second.test_client()
+    tokens = one.post("/auth/register", json={"username": "evicted", "password": PASSWORD}).get_json()
+    headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert other.get("/data", headers=headers).status_code == 200
+    assert one.post("/auth/logout", headers=headers).status_code == 200
+    assert forget_store_keys(first, "{f:revoked:*") == 1
+    assert one.get("/data", headers=headers).status_code == 401  # the revoking process knows at once
+    clock.advance(auth_module.REVOCATION_SYNC_SECONDS)
+    assert other.get("/data", headers=headers).status_code == 401
+
+
 def test_revocations_survive_a_restart_on_the_memory_store(make_app, tmp_path):
     first = make_app()
     client = first.test_client()
