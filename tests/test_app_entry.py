@@ -136,3 +136,50 @@ def test_gunicorn_worker_flag_is_seen_by_the_app(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
     assert "3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL" in result.stderr
+
+
+def test_gunicorn_workers_without_jwt_secret_key_share_one_generated_key(tmp_path):
+    """Development, `gunicorn -w 2`, no JWT_SECRET_KEY: a token minted by one worker is accepted by
+    the other. One worker is held on a request whose head has not arrived yet (a sync worker reads
+    it to the end), so the token is minted by the other worker; then the held request is finished
+    with that token and answered by the held worker."""
+    port = free_port()
+    env = base_env(tmp_path, IP_RATE_LIMIT="100000")
+    env.pop("WEB_CONCURRENCY", None)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
+                                 "--no-control-socket", "--graceful-timeout", "5", "app:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not requests_ok(f"{url}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        held = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.sendall(b"GET /auth/me HTTP/1.1\r\nHost: localhost\r\n")  # first in the accept queue
+        body = {"username": "two_workers", "password": "correct horse battery"}
+        registered = requests.post(f"{url}/auth/register", json=body, timeout=30)
+        assert registered.status_code == 201, registered.text
+        pids = {requests.get(f"{url}/api/metrics", timeout=30).json()["pid"] for _ in range(5)}
+        assert len(pids) == 1  # the held worker serves nothing else meanwhile
+        token = registered.json()["access_token"]
+        held.sendall(f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := held.recv(65536):
+            reply += chunk
+        held.close()
+        assert reply.split(b"\r\n", 1)[0].endswith(b"200 OK"), reply[:300]
+        assert b'"username":"two_workers"' in reply.replace(b" ", b"")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "JWT_SECRET_KEY is not set: using one random key for the 2 worker(s)" in log.read_text()
+
+
+def requests_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
