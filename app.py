@@ -359,10 +359,12 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
             if row is None or not tag or not row.key_hash.startswith(tag):
                 return "free", True
             return row.tier, bool(row.blocked or row.revoked_at is not None)
-        row = conn.execute(sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))).first()
-        if row is None or auth.account_stamp(row.created_at) != tag:
+        user = conn.execute(
+            sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))
+        ).first()
+        if user is None or auth.account_stamp(user.created_at) != tag:
             return "free", True
-        return row.tier, False
+        return user.tier, False
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,

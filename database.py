@@ -202,8 +202,7 @@ def _migration_2(conn: Connection) -> None:
             other.to_metadata(scratch)
         rebuilt = table.to_metadata(scratch, name=f"{table.name}__rebuilt")
         conn.execute(sa.schema.CreateTable(rebuilt))
-        columns = ", ".join(f'"{column.name}"' for column in table.columns)
-        conn.exec_driver_sql(f'INSERT INTO "{rebuilt.name}" ({columns}) SELECT {columns} FROM "{table.name}"')
+        conn.execute(rebuilt.insert().from_select([column.name for column in table.columns], sa.select(table)))
         conn.exec_driver_sql(f'DROP TABLE "{table.name}"')
         conn.exec_driver_sql(f'ALTER TABLE "{rebuilt.name}" RENAME TO "{table.name}"')
         for index in table.indexes:
