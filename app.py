@@ -53,6 +53,7 @@ VERSION = "1.0.0"
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MAX_KEYS_PER_USER = 25
+KEY_GENERATION_ATTEMPTS = 5  # draws of a new key when its prefix collides with an existing one
 MAX_PER_PAGE = 200
 SDK_CACHE_SECONDS = 300
 # Routes that never count against the per-IP limit: static files and liveness.
@@ -62,6 +63,21 @@ ADMIN_ROOM = "admins"  # Socket.IO room of dashboard sockets that connected with
 
 # --- services ------------------------------------------------------------------------------
 
+KEY_TAG_CHARS = 16  # hex digits of the key's hash in its limiter subject
+
+
+def key_subject(key_id: int, key_hash: str) -> str:
+    """Limiter subject of an API key: id and the start of the key's hash, so that a cached record
+    or store entry of a deleted key can never match a later key that got the same id."""
+    return f"k:{key_id}.{key_hash[:KEY_TAG_CHARS]}"
+
+
+def user_subject(user_id: int, stamp: str) -> str:
+    """Limiter subject of a user's tokens: id and account stamp (``auth.account_stamp``), so that a
+    deleted account's tokens never reach the meta or counters of an account that got the same id."""
+    return f"u:{user_id}.{stamp}"
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyRecord:
     """Identity of an API key (immutable); tier and blocked state live in the limiter store."""
@@ -70,6 +86,11 @@ class KeyRecord:
     user_id: int
     prefix: str
     name: str
+    tag: str  # the start of the key's hash: binds the record to this very key
+
+    @property
+    def subject(self) -> str:
+        return key_subject(self.id, self.tag)
 
 
 class KeyDirectory:
@@ -112,7 +133,7 @@ class KeyDirectory:
             ).first()
         record = None
         if row is not None and hmac.compare_digest(row.key_hash, key_hash):
-            record = KeyRecord(row.id, row.user_id, row.prefix, row.name)
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, row.key_hash[:KEY_TAG_CHARS])
         with self._lock:
             if record is None:
                 self._misses[key_hash] = self._clock() + self._miss_ttl
@@ -220,15 +241,45 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
     try:
         body = request.get_json(silent=True)
-        if isinstance(body, dict):  # a lone surrogate ("\ud800") parses, but cannot be hashed or stored
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except (RecursionError, UnicodeEncodeError):  # nesting deeper than the parser allows, or that surrogate
+    except RecursionError:  # nesting deeper than the parser allows
         body = None
     if body is None:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
     if not isinstance(body, dict):
         raise ApiError(400, "malformed_json", "The JSON body must be an object")
+    for name, value in body.items():
+        if not storable_text(name):
+            raise ApiError(400, "malformed_json", "A member name holds a NUL character or an unpaired surrogate")
+        if not storable_text(value):
+            raise bad_request(name[:100], f"'{name[:100]}' must not contain NUL characters or unpaired surrogates")
     return body
+
+
+def storable_text(value: Any) -> bool:
+    """False if a string in ``value`` (nested lists and objects included) holds a NUL, which
+    PostgreSQL cannot store in text, or a lone surrogate ("\\ud800" parses as JSON), which UTF-8
+    cannot encode, so cannot be hashed, stored or logged. Checked once for every JSON body, so no
+    route can forget it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not item.isascii() and _has_surrogate(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str | None:
@@ -300,52 +351,68 @@ def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
 
 
 def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
-    """Tier and blocked state of ``k:<id>`` or ``u:<id>`` from the database."""
-    kind, _, ident = subject.partition(":")
+    """Tier and blocked state of a key or user subject from the database; blocked when the row is
+    gone or is another key or account than the subject's tag names (an id given out again)."""
+    kind, _, rest = subject.partition(":")
+    ident, _, tag = rest.partition(".")
     with svc.engine.connect() as conn:
         if kind == "k":
             row = conn.execute(
-                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
+                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at, db.api_keys.c.key_hash)
                 .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
                 .where(db.api_keys.c.id == int(ident))
             ).first()
-            if row is None:
+            if row is None or not tag or not row.key_hash.startswith(tag):
                 return "free", True
             return row.tier, bool(row.blocked or row.revoked_at is not None)
-        row = conn.execute(sa.select(db.users.c.tier).where(db.users.c.id == int(ident))).first()
-        return (row.tier if row else "free"), row is None
+        user = conn.execute(
+            sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))
+        ).first()
+        if user is None or auth.account_stamp(user.created_at) != tag:
+            return "free", True
+        return user.tier, False
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
            consume: bool = True) -> RequestDecision:
     """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
-    (a second trip only if the subject's meta was evicted from the store)."""
+    (a second trip only if the subject's meta was evicted from the store). ``meta_missing`` stays
+    True when the meta had to be loaded: the store may have lost other data (flags) too."""
     decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
         tier, blocked = load_meta(svc, subject)
         svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
         retry = svc.limiter.check_request(None, subject, flags, consume=consume)
-        decision = retry._replace(ip=decision.ip)
+        decision = retry._replace(ip=decision.ip, meta_missing=True)
     if ip is not None:
         g.ip_checked = True
         record_ip_decision(svc, ip, decision.ip)
     return decision
 
 
+def clean_tier(svc: Services, decision: RequestDecision) -> str:
+    """The tier to report for a decision, the same in headers and body.
+
+    The store's meta is data, not trusted: a tier it does not know was limited at the default
+    (free) limit, and must not reach headers, bodies, metrics labels or analytics rows as it is."""
+    return decision.tier if decision.tier in svc.config.tier_limits else "free"
+
+
 def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: KeyRecord | None,
                 user_id: int) -> LimitResult:
     """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
     result = decision.result
-    # The store's meta is data, not trusted: a tier it does not know was limited at the default
-    # (free) limit, and must not reach headers, metrics labels or analytics rows as it is.
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     g.tier = tier
-    svc.usage.record(subject, key_id=key.id if key else None, user_id=user_id, tier=tier, allowed=result.allowed)
+    # Analytics rows keep the plain "k:<id>" / "u:<id>" subjects: ids are never reused in the database.
+    usage_subject = f"k:{key.id}" if key else f"u:{user_id}"
+    svc.usage.record(usage_subject, key_id=key.id if key else None, user_id=user_id, tier=tier,
+                     allowed=result.allowed)
     svc.metrics.observe_decision(tier, result.allowed)
     if not result.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else subject)
+        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit of {result.limit} requests per {svc.config.window_seconds} s exceeded "
@@ -421,9 +488,10 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
     """Blocked in the store: tell a revoked key (401) from a blocked one (403)."""
     with svc.engine.connect() as conn:
         row = conn.execute(
-            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason).where(db.api_keys.c.id == record.id)
+            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason, db.api_keys.c.key_hash)
+            .where(db.api_keys.c.id == record.id)
         ).first()
-    if row is None or row.revoked_at is not None:
+    if row is None or row.revoked_at is not None or not row.key_hash.startswith(record.tag):
         svc.keys.forget(record.id)
         return ApiError(401, "invalid_api_key", "The API key is not valid")
     return ApiError(403, "api_key_blocked", "This API key has been blocked by an administrator",
@@ -433,23 +501,23 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
 def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
     """Authenticate a key and count one request against it (the hot path); 401/403/429 raise."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
     result = apply_limit(svc, decision, subject, key=record, user_id=record.user_id)
-    return record, result, decision.tier or "free"
+    return record, result, clean_tier(svc, decision)
 
 
 def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
     """Authenticate a key and read its window without consuming (for /usage and /sdk/check):
     the same single store call as /data, tier and block state included, no database read."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject, consume=False)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     result = decision.result
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
@@ -517,8 +585,11 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 
 def throttle(svc: Services, name: str, limit: int, window: int, code: str, message: str) -> None:
-    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count."""
-    result = svc.limiter.hit(name, limit, window)
+    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count.
+
+    Brute-force protection must outlive a store outage: in fail mode "open" these still count per
+    process (the limiter's fallback store) rather than admitting every attempt."""
+    result = svc.limiter.hit(name, limit, window, open_when_down=False)
     if not result.allowed:
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, code, message, headers={"Retry-After": str(retry)}, retry_after=retry)
@@ -551,7 +622,7 @@ def register() -> tuple[Response, int]:
             ).returning(db.users.c.id)).scalar_one()
     except sa.exc.IntegrityError:
         raise ApiError(409, "username_taken", f"The username '{username}' is already taken") from None
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=False)
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(now)), tier="free", blocked=False)
     user = {"id": user_id, "username": username, "email": email, "tier": "free", "created_at": db.iso(now)}
     return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
 
@@ -640,7 +711,25 @@ def create_api_key() -> tuple[Response, int]:
     svc = services()
     body = json_body(optional=True)
     name = (str_field(body, "name", required=False, max_len=100) or "").strip()
-    new_key = auth.generate_api_key()
+    # The visible prefix has 32 random bits: among many keys two can collide (birthday bound), and
+    # the unique index then refuses the insert. A fresh key is drawn instead of answering 500.
+    for attempt in range(KEY_GENERATION_ATTEMPTS):
+        new_key = auth.generate_api_key()
+        try:
+            key_id, user, now = insert_api_key(svc, new_key, name)
+            break
+        except sa.exc.IntegrityError:
+            if attempt == KEY_GENERATION_ATTEMPTS - 1:
+                raise
+            log.warning("API key prefix or hash collision; drawing a new key")
+    svc.limiter.set_meta(key_subject(key_id, new_key.key_hash), tier=user.tier, blocked=False)
+    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
+                   created_at=db.iso(now),
+                   message="Store this key now: it is shown only once"), 201
+
+
+def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str) -> tuple[int, Any, dt.datetime]:
+    """Insert the caller's new key under the per-user cap; (key id, user row, creation time)."""
     now = db.utcnow()
     with svc.engine.begin() as conn:
         user = current_user_row(conn)
@@ -654,10 +743,7 @@ def create_api_key() -> tuple[Response, int]:
             user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
             created_at=now,
         ).returning(db.api_keys.c.id)).scalar_one()
-    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
-    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
-                   created_at=db.iso(now),
-                   message="Store this key now: it is shown only once"), 201
+    return key_id, user, now
 
 
 @auth_bp.delete("/api_keys/<int(max=2147483647):key_id>")
@@ -671,13 +757,13 @@ def revoke_own_key(key_id: int) -> Response:
         if row is None:  # another user's key looks exactly like a missing one
             raise ApiError(404, "key_not_found", f"You have no active API key with id {key_id}")
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key_id).values(revoked_at=db.utcnow()))
-    revoke_in_store(svc, key_id)
+    revoke_in_store(svc, key_id, row.key_hash)
     return jsonify(message="API key revoked", key={"id": key_id, "prefix": row.prefix, "revoked": True})
 
 
-def revoke_in_store(svc: Services, key_id: int) -> None:
+def revoke_in_store(svc: Services, key_id: int, key_hash: str) -> None:
     """Every worker refuses a revoked key on its next request: blocked in the shared meta."""
-    svc.limiter.set_meta(f"k:{key_id}", tier="free", blocked=True)
+    svc.limiter.set_meta(key_subject(key_id, key_hash), tier="free", blocked=True)
     svc.keys.forget(key_id)
 
 
@@ -713,16 +799,17 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
         ip_guard(svc, g.client_ip)
         raise
     g.user_id = int(claims["sub"])
-    subject = f"u:{g.user_id}"
+    subject = user_subject(g.user_id, claims["gen"])
     flag = f"revoked:{claims['jti']}"
     decision = decide(svc, g.client_ip, subject, [flag])
-    revoked = decision.flags.get(flag, False) or (svc.limiter.health() != "ok" and manager.is_revoked(claims["jti"]))
+    revoked = decision.flags.get(flag, False) or manager.revoked_although_not_flagged(
+        claims["jti"], store_lost_meta=decision.meta_missing)
     if revoked:
         raise ApiError(401, "token_revoked", "The token has been revoked")
     if decision.blocked:
         raise ApiError(401, "invalid_token", "The account of this token no longer exists")
     result = apply_limit(svc, decision, subject, key=None, user_id=g.user_id)
-    return result, decision.tier or "free"
+    return result, clean_tier(svc, decision)
 
 
 @data_bp.get("/usage")
@@ -855,15 +942,17 @@ def delete_user(user_id: int) -> Response:
         user = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
         if user is None:
             raise ApiError(404, "user_not_found", "No such user")
-        key_ids = [row.id for row in conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.user_id == user_id))]
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash)
+                            .where(db.api_keys.c.user_id == user_id)).all()
         conn.execute(db.api_keys.delete().where(db.api_keys.c.user_id == user_id))
         conn.execute(db.refresh_tokens.delete().where(db.refresh_tokens.c.user_id == user_id))
         conn.execute(db.users.delete().where(db.users.c.id == user_id))
-        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(key_ids))
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=True)  # its JWTs die with it
-    for key_id in key_ids:
-        revoke_in_store(svc, key_id)
-    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(key_ids))
+        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(keys))
+    # Its JWTs die with it (and, carrying its account stamp, never match a later account).
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(user.created_at)), tier="free", blocked=True)
+    for key in keys:
+        revoke_in_store(svc, key.id, key.key_hash)
+    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(keys))
 
 
 @admin_bp.get("/admin/keys")
@@ -894,13 +983,13 @@ def upgrade_tier() -> Response:
     with svc.engine.begin() as conn:
         user = find_user(conn, body)
         conn.execute(db.users.update().where(db.users.c.id == user.id).values(tier=tier, updated_at=db.utcnow()))
-        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
-                            .where(db.api_keys.c.user_id == user.id)).all()
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash, db.api_keys.c.blocked,
+                                      db.api_keys.c.revoked_at).where(db.api_keys.c.user_id == user.id)).all()
         audit(conn, "upgrade_tier", f"user:{user.username}", old_tier=user.tier, new_tier=tier, user_id=user.id)
         updated = conn.execute(sa.select(db.users).where(db.users.c.id == user.id)).first()
-    svc.limiter.set_meta(f"u:{user.id}", tier=tier, blocked=False)
+    svc.limiter.set_meta(user_subject(user.id, auth.account_stamp(user.created_at)), tier=tier, blocked=False)
     for key in keys:
-        svc.limiter.set_meta(f"k:{key.id}", tier=tier, blocked=bool(key.blocked or key.revoked_at))
+        svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=tier, blocked=bool(key.blocked or key.revoked_at))
     svc.events.emit("tier_changed", user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
     return jsonify(user=user_json(updated))
 
@@ -915,7 +1004,8 @@ def set_key_blocked(blocked: bool) -> Response:
                      .values(blocked=blocked, blocked_reason=reason if blocked else None))
         audit(conn, "block_key" if blocked else "unblock_key", f"key:{key.prefix}", key_id=key.id,
               owner=key.username, reason=reason)
-    svc.limiter.set_meta(f"k:{key.id}", tier=key.tier, blocked=blocked or key.revoked_at is not None)
+    svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=key.tier,
+                         blocked=blocked or key.revoked_at is not None)
     svc.events.emit("key_blocked" if blocked else "key_unblocked", key.prefix, owner=key.username, reason=reason,
                     actor=g.admin_actor)
     return jsonify(key={"id": key.id, "prefix": key.prefix, "name": key.name, "blocked": blocked,
@@ -943,7 +1033,7 @@ def admin_revoke_key() -> Response:
         key = find_key(conn, body)
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id).values(revoked_at=db.utcnow()))
         audit(conn, "revoke_key", f"key:{key.prefix}", key_id=key.id, owner=key.username)
-    revoke_in_store(svc, key.id)
+    revoke_in_store(svc, key.id, key.key_hash)
     svc.events.emit("key_banned", key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
     return jsonify(key={"id": key.id, "prefix": key.prefix, "revoked": True, "blocked": True})
 
@@ -1486,10 +1576,13 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly", {"Retry-After": "5"}))
     svc = build_services(config, clock)
     app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
-    auth.JWTManager(app)
+    auth.JWTManager(app, clock=clock)
     svc.notifier.init_app(app)
     with app.app_context():
-        current_app.extensions["jwt"].load_revocations()
+        try:
+            current_app.extensions["jwt"].load_revocations()
+        except StoreUnavailable:  # fail mode closed, store down: seeded on the first request that finds it empty
+            log.warning("rate-limit store unreachable at start-up; revocations will be seeded when it answers")
     for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)

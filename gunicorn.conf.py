@@ -3,6 +3,9 @@
 - The master tells the app how many workers it starts, so that the app can warn (and refuse in
   production) when several workers would each keep their own in-memory counters, whether the
   count came from `-w N` or from WEB_CONCURRENCY.
+- In development without JWT_SECRET_KEY the master draws one random key for all workers. Each
+  worker would otherwise draw its own, and a token signed by one worker would be refused by the
+  other. (Production refuses to start without JWT_SECRET_KEY.)
 - The master checks the configuration and opens (migrates) the database once, before it forks:
   with a bad setting every worker would fail to boot at the same moment, and gunicorn's arbiter,
   while halting for the first failure, dies with a traceback and exit 1 on the second one.
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the project, whatever the cwd
@@ -29,7 +33,17 @@ threads = 8  # per worker; the app is thread-safe (python app.py serves threaded
 
 def on_starting(server):  # noqa: ANN001 - gunicorn's hook signature
     os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
+    share_one_jwt_key(server)
     check_before_fork()
+
+
+def share_one_jwt_key(server) -> None:  # noqa: ANN001
+    """Development only: one random JWT key, drawn here and inherited by every worker."""
+    production = (os.environ.get("FLASK_ENV") or "development").strip().lower() == "production"
+    if not os.environ.get("JWT_SECRET_KEY") and not production:
+        os.environ["JWT_SECRET_KEY"] = secrets.token_urlsafe(48)
+        server.log.warning("JWT_SECRET_KEY is not set: using one random key for the %s worker(s) of this gunicorn "
+                           "(tokens end when it stops); set JWT_SECRET_KEY to keep them", server.cfg.workers)
 
 
 def check_before_fork() -> None:

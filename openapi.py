@@ -63,12 +63,14 @@ COUNTS = {"type": "object", "additionalProperties": integer(minimum=0)}
 # werkzeug's own HTTP errors to.
 
 ERROR_CODES: dict[str, tuple[int, str]] = {
-    "invalid_field": (400, "A field or query parameter is missing or invalid; `field` names it"),
-    "malformed_json": (400, "The body is not valid JSON, not an object, or holds an unpaired surrogate"),
+    "invalid_field": (400, "A field or query parameter is missing or invalid (wrong type, too long, out of range, "
+                           "a NUL character or an unpaired surrogate); `field` names it"),
+    "malformed_json": (400, "The body is not valid JSON, not an object, too deeply nested, or a member name holds "
+                            "a NUL character or an unpaired surrogate"),
     "missing_api_key": (401, "No API key in X-API-Key, ?api_key= or the body"),
     "invalid_api_key": (401, "The API key is unknown or revoked"),
     "missing_token": (401, "No Authorization: Bearer <access_token> header"),
-    "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its user is gone"),
+    "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its account is gone"),
     "token_expired": (401, "The token has expired"),
     "token_revoked": (401, "The access token was revoked by a logout"),
     "token_reused": (401, "The refresh token was already spent or revoked; its whole login is revoked"),

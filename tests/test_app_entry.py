@@ -170,3 +170,51 @@ def test_python_app_logs_no_key_or_token(tmp_path, socketio):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert leaks([out, err, *views, *files_under(tmp_path)], sent) == []
+
+
+def test_gunicorn_workers_without_jwt_secret_key_share_one_generated_key(tmp_path):
+    """Development, `gunicorn -w 2`, no JWT_SECRET_KEY: a token minted by either worker is accepted
+    by both. Tokens are minted (refreshed) and checked over fresh connections until both workers have served
+    (each answer names its worker's pid); with one key per worker about half the checks fail."""
+    port = free_port()
+    env = base_env(tmp_path, IP_RATE_LIMIT="100000")
+    env.pop("WEB_CONCURRENCY", None)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
+                                 "--no-control-socket", "--graceful-timeout", "5", "app:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not requests_ok(f"{url}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        body = {"username": "two_workers", "password": "correct horse battery"}
+        registered = requests.post(f"{url}/auth/register", json=body, timeout=30)
+        assert registered.status_code == 201, registered.text
+        refresh = registered.json()["refresh_token"]
+        pids: set[int] = set()
+        checks = 0
+        while (len(pids) < 2 or checks < 20) and checks < 400:
+            minted = requests.post(f"{url}/auth/refresh", json={"refresh_token": refresh},
+                                   headers={"Connection": "close"}, timeout=30)
+            assert minted.status_code == 200, minted.text  # the refresh token was signed by either worker
+            token, refresh = minted.json()["access_token"], minted.json()["refresh_token"]
+            me = requests.get(f"{url}/auth/me", headers={"Authorization": f"Bearer {token}", "Connection": "close"},
+                              timeout=30)
+            assert me.status_code == 200, me.text
+            pids.add(requests.get(f"{url}/api/metrics", headers={"Connection": "close"}, timeout=30).json()["pid"])
+            checks += 1
+        assert len(pids) == 2, f"only worker {pids} answered {checks} times"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "JWT_SECRET_KEY is not set: using one random key for the 2 worker(s)" in log.read_text()
+
+
+def requests_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
