@@ -38,6 +38,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import auth
 import database as db
 import errors
+import gateway
 from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
 from errors import ApiError, bad_request
@@ -727,6 +728,36 @@ def usage() -> Response:
                    reset_epoch=epoch_ceil(result.reset), totals=totals)
 
 
+# --- gateway: the /data decision for any upstream API ---
+
+gateway_bp = Blueprint("gateway", __name__)
+
+
+@gateway_bp.route(gateway.URL_PREFIX, methods=gateway.VIEW_METHODS, provide_automatic_options=False)
+@gateway_bp.route(f"{gateway.URL_PREFIX}/<forwarded_path:original>", methods=gateway.VIEW_METHODS,
+                  provide_automatic_options=False)
+@refused_before_the_combined_check
+def forward_auth(original: str | None = None) -> Response:
+    """A gateway's sub-request: exactly the /data decision and budget for the request it describes;
+    admitted answers name the subject in X-Auth-* headers for the upstream."""
+    svc = services()
+    g.forwarded = gateway.forwarded_request(request, original)
+    token = auth.bearer_token()
+    raw_key = request.headers.get("X-API-Key") or g.forwarded.api_key()
+    key_prefix = None
+    if raw_key or token is None:
+        record, result, tier = consume_key(svc, raw_key)
+        user_id, key_prefix = record.user_id, record.prefix
+    else:
+        result, tier = consume_user(svc, token)
+        user_id = g.user_id
+    username = current_app.extensions["rl.usernames"].get(user_id)
+    response = jsonify(allowed=True, user_id=user_id, username=username, tier=tier, key_prefix=key_prefix,
+                       usage=usage_dict(result))
+    response.headers.extend(gateway.identity_headers(user_id, username, tier, key_prefix))
+    return response
+
+
 @sdk_bp.get("/sdk.js", defaults={"filename": "ratelimiter-sdk.js"})
 @sdk_bp.get("/sdk.mjs", defaults={"filename": "ratelimiter-sdk.mjs"})
 def sdk_js(filename: str) -> Response:
@@ -1367,7 +1398,8 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     svc.notifier.init_app(app)
     with app.app_context():
         current_app.extensions["jwt"].load_revocations()
-    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
+    gateway.init_app(app, svc.engine)  # before the blueprints (URL converter) and after_request below
+    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp, gateway_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)
     app.after_request(after_request)
