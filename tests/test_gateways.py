@@ -12,6 +12,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -280,13 +281,54 @@ def test_unreachable_rate_limiter_refuses_the_request(gateway):
 
 def test_nginx_template_has_only_the_three_documented_placeholders():
     text = (GATEWAYS / "nginx.conf.template").read_text()
-    import re
-
     assert set(re.findall(r"\$\{(\w+)\}", text)) == {"LISTEN_PORT", "UPSTREAM", "RATELIMITER"}
 
 
 def test_caddyfile_has_only_the_three_documented_placeholders():
-    import re
-
     text = (GATEWAYS / "Caddyfile").read_text()
     assert set(re.findall(r"\{\$(\w+)\}", text)) == {"LISTEN_PORT", "UPSTREAM", "RATELIMITER"}
+
+
+# --- Traefik and Envoy: no binary here, so their files are checked against the same contract ---
+
+IDENTITY = ["X-Auth-User-Id", "X-Auth-Username", "X-Auth-Tier", "X-Auth-Key-Prefix"]
+
+
+def test_traefik_config_strips_client_identity_then_asks_the_decision():
+    import yaml  # PyYAML comes with schemathesis
+
+    http_config = yaml.safe_load((GATEWAYS / "traefik.yml").read_text())["http"]
+    router = http_config["routers"]["protected-api"]
+    assert router["middlewares"] == ["strip-client-identity", "ratelimiter"]
+    stripped = http_config["middlewares"]["strip-client-identity"]["headers"]["customRequestHeaders"]
+    assert all(stripped[name] == "" for name in IDENTITY)
+    forward = http_config["middlewares"]["ratelimiter"]["forwardAuth"]
+    assert forward["address"] == 'http://{{ env "RATELIMITER" }}/forward_auth'
+    assert forward["trustForwardHeader"] is False
+    assert set(IDENTITY) <= set(forward["authResponseHeaders"])
+
+
+def test_envoy_config_strips_client_identity_then_asks_the_decision():
+    import yaml
+
+    values = {"LISTEN_PORT": "8091", "UPSTREAM_HOST": "127.0.0.1", "UPSTREAM_PORT": "5001",
+              "RATELIMITER_HOST": "127.0.0.1", "RATELIMITER_PORT": "5000"}
+    text = (GATEWAYS / "envoy.yaml").read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == set(values)
+    config = yaml.safe_load(render(text, values))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = {f["name"].rsplit(".", 1)[1]: f.get("typed_config", {}) for f in manager["http_filters"]}
+    assert list(filters) == ["header_mutation", "ext_authz", "router"]
+    removed = [m["remove"] for m in filters["header_mutation"]["mutations"]["request_mutations"]]
+    assert removed == [name.lower() for name in IDENTITY]
+    authz = filters["ext_authz"]
+    assert authz["failure_mode_allow"] is False
+    service = authz["http_service"]
+    assert service["path_prefix"] == "/forward_auth" and service["server_uri"]["cluster"] == "ratelimiter"
+    response = service["authorization_response"]
+    upstream = [p["exact"] for p in response["allowed_upstream_headers"]["patterns"]]
+    assert upstream == [name.lower() for name in IDENTITY]
+    assert {"prefix": "x-ratelimit-"} in response["allowed_client_headers_on_success"]["patterns"]
+    assert {"exact": "retry-after"} in response["allowed_client_headers"]["patterns"]
+    clusters = {c["name"] for c in config["static_resources"]["clusters"]}
+    assert clusters == {"ratelimiter", "protected_api"}
