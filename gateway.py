@@ -42,6 +42,7 @@ BODY_HEADER = "X-Forward-Auth-Body"
 
 _URI_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII without space: other bytes must be percent-encoded
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ForwardedPathConverter(PathConverter):
@@ -70,8 +71,10 @@ class ForwardedRequest:
 
 
 def _first(req: Request, *names: str) -> tuple[str, str] | None:
+    """(name, value) of the first non-empty header; read from the WSGI environ (hot path)."""
+    environ = req.environ
     for name in names:
-        value = req.headers.get(name)
+        value = environ.get("HTTP_" + name.upper().replace("-", "_"))
         if value:
             return name, value
     return None
@@ -125,11 +128,13 @@ def _split_uri(field: str, uri: str) -> tuple[str, str]:
         raw_path, _, query = uri.partition("#")[0].partition("?")
     else:
         raise bad_request(field, f"'{field}' must be a path starting with '/' or an absolute http(s) URL")
+    if "%" not in raw_path:
+        return raw_path, query
     try:
         path = unquote(raw_path, errors="strict")
     except UnicodeDecodeError:
         raise bad_request(field, f"'{field}' has a percent-encoded path that is not UTF-8") from None
-    if "\x00" in path or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+    if _CONTROL.search(path):  # NUL included
         raise bad_request(field, f"'{field}' encodes a control character in its path")
     return path, query
 
