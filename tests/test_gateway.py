@@ -203,3 +203,18 @@ def test_username_cache_reads_once_and_expires(app):
     assert cache.get(12345) is None  # cached answer
     now[0] = 11
     assert cache.get(12345) == "late_user"
+
+
+def test_an_absolute_forwarded_uri_is_read_never_fetched(client, key):
+    import socket
+
+    _, api_key = key
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.2)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}/internal?x=1"
+        response = client.get("/forward_auth", headers=forwarded(uri, **{"X-API-Key": api_key["api_key"]}))
+        assert response.status_code == 200
+        with pytest.raises(TimeoutError):
+            listener.accept()
