@@ -28,6 +28,8 @@ from tests.services import free_port, port_open, unavailable, wait_until
 GATEWAYS = ROOT / "gateways"
 NGINX = os.environ.get("NGINX_PATH", "/usr/sbin/nginx")
 CADDY = os.environ.get("CADDY_PATH", "/usr/bin/caddy")
+pytestmark = pytest.mark.slow  # starts real gateway processes
+
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit-Policy", "RateLimit")
 
 
@@ -47,7 +49,8 @@ class EchoUpstream:
                         "body": self.rfile.read(length).decode("utf-8", "replace")}
                 upstream.received.append(seen)
                 payload = json.dumps(seen).encode()
-                self.send_response(200)
+                status = re.search(r"[?&]status=(\d{3})", self.path)  # the upstream's own errors, on request
+                self.send_response(int(status.group(1)) if status else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.send_header("X-RateLimit-Limit", "999999")  # the gateway must not let this through
@@ -220,6 +223,28 @@ def test_the_gateway_and_data_spend_one_budget(gateway):
         assert client.get("/data", headers={"X-API-Key": key}).status_code == 200
     assert gateway.get("/v1/items", headers={"X-API-Key": key}).headers["X-RateLimit-Remaining"] == "0"
     assert gateway.get("/v1/items", headers={"X-API-Key": key}).status_code == 429
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+def test_the_upstreams_own_errors_reach_the_client_untouched(gateway, status):
+    _, key = key_for(gateway)
+    response = gateway.get(f"/v1/fail?status={status}", headers={"X-API-Key": key})
+    assert response.status_code == status
+    assert response.json()["path"] == f"/v1/fail?status={status}"  # the upstream's body, not a refusal
+    assert response.headers["X-RateLimit-Remaining"] == "4"
+
+
+def test_the_limiter_counts_the_clients_address_not_a_spoofed_one(gateway):
+    _, key = key_for(gateway)
+    admin = gateway.auth._client
+    assert admin.post("/admin/ban_ip", json={"ip": "203.0.113.50"}, headers=gateway.auth.admin).status_code == 200
+    spoofed = gateway.get("/v1/items", headers={"X-API-Key": key, "X-Forwarded-For": "203.0.113.50"})
+    assert spoofed.status_code == 200
+    assert admin.post("/admin/ban_ip", json={"ip": "127.0.0.1"}, headers=gateway.auth.admin).status_code == 200
+    banned = gateway.get("/v1/items", headers={"X-API-Key": key, "X-Forwarded-For": "203.0.113.51"})
+    assert banned.status_code == 429 and banned.json()["error"] == "ip_banned"
+    assert int(banned.headers["Retry-After"]) >= 1
+    assert len(gateway.upstream.received) == 1
 
 
 @pytest.mark.parametrize(("headers", "error"), [({}, "missing_api_key"), ({"X-API-Key": "rl_not_a_key"},
