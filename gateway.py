@@ -33,6 +33,8 @@ VIEW_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 ORIGINAL_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 MAX_URI_CHARS = 8192  # nginx's default large_client_header_buffers holds a request line this long
 
+# The admitted answer's body; what the gateway needs is in the headers.
+ADMITTED_BODY = b'{"allowed":true}\n'
 IDENTITY_HEADERS = ("X-Auth-User-Id", "X-Auth-Username", "X-Auth-Tier", "X-Auth-Key-Prefix")
 # nginx mode: the gateway announces itself with this request header ...
 MODE_HEADER = "X-Forward-Auth-Gateway"
@@ -180,7 +182,7 @@ def dress_refusal_for_nginx(response: Response) -> Response:
     """After the request pipeline (which logged and counted the real status): when nginx asked,
     a refusal becomes 401 (for a real 401) or 403, with its real status and compact JSON body in
     headers that the shipped nginx.conf captures with auth_request_set and sends back as they were."""
-    if request.blueprint != "gateway" or response.status_code < 300:
+    if response.status_code < 300 or request.blueprint != "gateway":
         return response
     if request.headers.get(MODE_HEADER, "").strip().lower() != "nginx":
         return response

@@ -31,8 +31,7 @@ def test_admitted_request_gets_200_identity_and_rate_headers(client, key):
     assert response.headers["X-Auth-Key-Prefix"] == api_key["prefix"]
     assert response.headers["X-RateLimit-Limit"] == "5" and response.headers["X-RateLimit-Remaining"] == "4"
     assert response.headers["RateLimit-Policy"] == '"free";q=5;w=60'
-    body = response.get_json()
-    assert body["allowed"] is True and body["key_prefix"] == api_key["prefix"] and body["usage"]["remaining"] == 4
+    assert response.get_json() == {"allowed": True}
 
 
 def test_nginx_headers_and_the_api_key_in_the_forwarded_query_are_understood(client, key):
