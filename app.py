@@ -742,6 +742,7 @@ def forward_auth(original: str | None = None) -> Response:
     admitted answers name the subject in X-Auth-* headers for the upstream."""
     svc = services()
     req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per header
+    # The original request (method, decoded path) is request state for whatever matches routes.
     g.forwarded = forwarded = gateway.forwarded_request(req, original)
     token = auth.bearer_token()
     raw_key = req.environ.get("HTTP_X_API_KEY") or forwarded.api_key()

@@ -108,6 +108,12 @@ def test_refusals_are_those_of_data(client, key, auth):
     assert (blocked.status_code, blocked.get_json()["error"]) == (403, "api_key_blocked")
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "HEAD"])
+def test_every_method_of_the_call_is_decided_not_answered_by_flask(client, method):
+    response = client.open("/forward_auth", method=method, headers=forwarded(method=method))
+    assert response.status_code == 401  # no key: refused, not a 200 Allow list
+
+
 def test_missing_forwarded_uri_is_400(client):
     response = client.get("/forward_auth", headers={"X-Forwarded-Method": "GET", "X-API-Key": "x"})
     assert response.status_code == 400
