@@ -122,6 +122,9 @@ class Gateway:
 
 @pytest.fixture(params=["nginx", "caddy"])
 def gateway(request: pytest.FixtureRequest, live_server: Any, tmp_path: Path) -> Iterator[Gateway]:
+    binary = NGINX if request.param == "nginx" else CADDY
+    if not os.path.exists(binary):  # before starting anything else
+        unavailable(f"{request.param} at {binary}")
     api = live_server(trusted_proxies=1)  # the gateway is one hop: the client's address counts
     upstream = EchoUpstream()
     port = free_port()
