@@ -39,6 +39,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import auth
 import database as db
 import errors
+import gateway
 import log_redaction
 from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
@@ -824,6 +825,37 @@ def usage() -> Response:
                    reset_epoch=epoch_ceil(result.reset), totals=totals)
 
 
+# --- gateway: the /data decision for any upstream API ---
+
+gateway_bp = Blueprint("gateway", __name__)
+
+
+@gateway_bp.route(gateway.URL_PREFIX, methods=gateway.VIEW_METHODS, provide_automatic_options=False)
+@gateway_bp.route(f"{gateway.URL_PREFIX}/<forwarded_path:original>", methods=gateway.VIEW_METHODS,
+                  provide_automatic_options=False)
+@refused_before_the_combined_check
+def forward_auth(original: str | None = None) -> Response:
+    """A gateway's sub-request: exactly the /data decision and budget for the request it describes;
+    admitted answers name the subject in X-Auth-* headers for the upstream."""
+    svc = services()
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per header
+    # The original request (method, decoded path) is request state for whatever matches routes.
+    g.forwarded = forwarded = gateway.forwarded_request(req, original)
+    token = auth.bearer_token()
+    raw_key = req.environ.get("HTTP_X_API_KEY") or forwarded.api_key()
+    key_prefix = None
+    if raw_key or token is None:
+        record, _, tier = consume_key(svc, raw_key)
+        user_id, key_prefix = record.user_id, record.prefix
+    else:
+        _, tier = consume_user(svc, token)
+        user_id = g.user_id
+    username = current_app.extensions["rl.usernames"].get(user_id)
+    # A constant body: gateways read the headers, and the decision must cost no more than /data.
+    return Response(gateway.ADMITTED_BODY, mimetype="application/json",
+                    headers=gateway.identity_headers(user_id, username, tier, key_prefix))
+
+
 @sdk_bp.get("/sdk.js", defaults={"filename": "ratelimiter-sdk.js"})
 @sdk_bp.get("/sdk.mjs", defaults={"filename": "ratelimiter-sdk.mjs"})
 def sdk_js(filename: str) -> Response:
@@ -1583,7 +1615,8 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
             current_app.extensions["jwt"].load_revocations()
         except StoreUnavailable:  # fail mode closed, store down: seeded on the first request that finds it empty
             log.warning("rate-limit store unreachable at start-up; revocations will be seeded when it answers")
-    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
+    gateway.init_app(app, svc.engine)  # before the blueprints (URL converter) and after_request below
+    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp, gateway_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)
     app.after_request(after_request)
