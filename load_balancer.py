@@ -186,6 +186,8 @@ class LBConfig:
                 raise ConfigError(f"backend URL must start with http:// or https://, got {spec.url!r}")
             if spec.weight < 1:
                 raise ConfigError(f"backend weight must be >= 1, got {spec.weight} for {spec.url}")
+        if self.trusted_proxies < 0:
+            raise ConfigError(f"trusted_proxies (TRUSTED_PROXIES) must be >= 0, got {self.trusted_proxies}")
         names = {dc.name for dc in self.datacenters}
         if self.default_datacenter and self.default_datacenter not in names:
             raise ConfigError(f"default_datacenter {self.default_datacenter!r} is not a configured datacenter")
@@ -266,7 +268,7 @@ def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
 
 
 def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
-    """Translate ``LB_*`` variables (and ``GEOIP_DB_PATH``) into the config file format."""
+    """Translate ``LB_*`` variables (and ``GEOIP_DB_PATH``, ``TRUSTED_PROXIES``) into the config file format."""
     data: dict[str, Any] = {}
     if env.get("LB_BACKENDS"):
         urls = [u for u in env["LB_BACKENDS"].split(",") if u.strip()]
@@ -285,6 +287,7 @@ def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
         ("LB_PORT", "port"),
         ("LB_DEFAULT_DATACENTER", "default_datacenter"),
         ("GEOIP_DB_PATH", "geoip_db_path"),
+        ("TRUSTED_PROXIES", "trusted_proxies"),  # the same variable and meaning as the API's
     ):
         if env.get(var):
             data[key] = env[var]
@@ -682,9 +685,10 @@ class ResponseCache:
 class UpstreamError(Exception):
     """The backend connection failed; ``sent`` is False only when it was never established."""
 
-    def __init__(self, message: str, sent: bool = True) -> None:
+    def __init__(self, message: str, sent: bool = True, stale: bool = False) -> None:
         super().__init__(message)
         self.sent = sent
+        self.stale = stale  # a reused keep-alive connection closed before any byte of the answer
 
 
 class UpstreamResponse:
@@ -756,16 +760,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self._buf = bytearray()
-        self._head_request = False
-        self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._response: UpstreamResponse | None = None
-        self._framing = ""
-        self._remaining = 0
-        self._keep_alive = False
+        self.exchanges = 0  # requests started on this connection; more than one means it was reused
         self._done = True  # no request in flight: any byte the backend sends now is unsolicited
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
+        self._reset_exchange(head_request=False, waiter=None)
+
+    def _reset_exchange(self, head_request: bool, waiter: asyncio.Future[UpstreamResponse] | None) -> None:
+        """Every piece of per-response parser state, in one place, so no exchange inherits another's.
+
+        The chunked decoder used to keep ``_remaining`` from the previous response on a reused
+        connection (issue 16); any new field of the parser belongs here.
+        """
+        self._head_request = head_request
+        self._head_waiter = waiter
+        self._response: UpstreamResponse | None = None
+        self._framing = ""
+        self._remaining = 0
+        self._keep_alive = False
+        self._received = False  # any byte of this exchange's response seen yet
 
     # asyncio callbacks
 
@@ -778,6 +792,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._buf.clear()
             self.close()
             return
+        self._received = True
         self._buf += data
         try:
             self._process()
@@ -790,9 +805,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self._framing == "close" and self._response is not None and not self._done:
-            self._finish_body()
-        self._fail(UpstreamError(f"connection closed by backend ({exc or 'EOF'})"))
+        if self._framing == "close" and self._response is not None and not self._done and exc is None:
+            self._finish_body()  # a clean EOF ends a close-delimited body; a reset does not
+        # A reused connection that the backend closed before any byte of the answer is the
+        # keep-alive race (the backend's idle timeout fired as the request left): stale, not failed.
+        stale = self.exchanges > 1 and not self._received
+        self._fail(UpstreamError(f"connection closed by backend ({exc or 'EOF'})", stale=stale))
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(UpstreamError("connection lost while sending"))
 
@@ -820,12 +838,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.idle_clean:
             self.close()
             raise UpstreamError("backend connection is not clean to reuse", sent=False)
-        self._head_request = head_request
-        self._head_waiter = asyncio.get_running_loop().create_future()
-        self._response = None
-        self._framing = ""
+        self._reset_exchange(head_request, asyncio.get_running_loop().create_future())
         self._done = False
-        self._keep_alive = False
+        self.exchanges += 1
         self.transport.write(head)
 
     async def send_body(self, chunks: AsyncIterator[bytes], chunked: bool) -> None:
@@ -906,9 +921,13 @@ class UpstreamConnection(asyncio.Protocol):
             del self._buf[: end + 4]
             version, _, rest = lines[0].partition(" ")
             code, _, reason = rest.partition(" ")
+            if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):
+                raise ValueError(f"bad status line {lines[0][:40]!r}")
             status = int(code)
-            if 100 <= status < 200:
-                continue
+            if status < 100:
+                raise ValueError(f"bad status code {status}")
+            if status < 200:
+                continue  # interim (1xx): the final response follows on the same connection
             headers = []
             fields = {}  # the few framing headers, lower-cased, read in the same pass
             for line in lines[1:]:
@@ -999,6 +1018,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._remaining = -2  # expect the CRLF after the data
             line_end = self._buf.find(b"\r\n")
             if line_end < 0:
+                if len(self._buf) > MAX_HEAD_BYTES:
+                    raise ValueError("chunk-size or trailer line too long")
                 return
             line = bytes(self._buf[:line_end])
             del self._buf[: line_end + 2]
@@ -1010,7 +1031,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if not line:
                     self._finish_body()
             else:
-                size = int(line.split(b";", 1)[0].strip(), 16)
+                size = chunk_size(line)
                 self._remaining = size if size else -1
 
     def _stream(self, piece: bytes) -> None:
@@ -1034,6 +1055,18 @@ class UpstreamConnection(asyncio.Protocol):
             self._response.finish(error)
 
 
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def chunk_size(line: bytes) -> int:
+    """The size of a chunk-size line (extensions ignored); strict, unlike ``int(x, 16)``,
+    which would take ``0x1f``, ``+1f``, ``-1`` or ``1_f``."""
+    digits = line.split(b";", 1)[0].rstrip(b" \t")
+    if not digits or len(digits) > 16 or not HEX_DIGITS.issuperset(digits):
+        raise ValueError(f"bad chunk size line {line[:40]!r}")
+    return int(digits, 16)
+
+
 class UpstreamPool:
     """Idle keep-alive connections per backend, reused most-recent first."""
 
@@ -1046,11 +1079,11 @@ class UpstreamPool:
         self.idle_seconds = idle_seconds
         self._idle: dict[str, list[UpstreamConnection]] = {}
 
-    async def acquire(self, backend: Backend) -> UpstreamConnection:
-        """An idle connection to ``backend`` or a new one; a failed connect raises ``sent=False``."""
+    async def acquire(self, backend: Backend, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection to ``backend`` (unless ``fresh``) or a new one; a failed connect raises ``sent=False``."""
         idle = self._idle.get(backend.url)
         loop = asyncio.get_running_loop()
-        while idle:
+        while idle and not fresh:
             conn = idle.pop()
             if conn.idle_clean and loop.time() - conn.idle_since < self.idle_seconds:
                 return conn
@@ -1269,11 +1302,15 @@ async def forward(
     conn: UpstreamConnection | None = None  # owned here until released or handed to stream()
     try:
         try:
-            conn = await lb.upstream.acquire(backend)
-            conn.start(request_head(request, backend, body.chunked), request.method == "HEAD")
-            if body.present:
-                await conn.send_body(body.chunks(), body.chunked)
-            upstream = await conn.response(lb.config.read_timeout)
+            try:
+                conn, upstream = await exchange(request, lb, backend, body, fresh=False)
+            except UpstreamError as exc:
+                # The backend closed a pooled connection just as the request left (its keep-alive
+                # timeout): nothing was answered, so a request that may be resent goes on a new one.
+                if not (exc.stale and request.method in IDEMPOTENT_METHODS and not body.started):
+                    raise
+                log.debug("stale keep-alive connection to %s; resending on a new one", backend.url)
+                conn, upstream = await exchange(request, lb, backend, body, fresh=True)
         except UpstreamError as exc:
             raise failed(lb, backend, exc) from exc
         except ConnectionError as exc:  # only reading the client's body raises this: the client is gone
@@ -1300,6 +1337,21 @@ async def forward(
         raise
     finally:
         backend.active -= 1
+
+
+async def exchange(
+    request: web.Request, lb: Balancer, backend: Backend, body: RequestBody, fresh: bool
+) -> tuple[UpstreamConnection, UpstreamResponse]:
+    """Send the request on a pooled (or ``fresh``) connection and wait for the response head."""
+    conn = await lb.upstream.acquire(backend, fresh)
+    try:
+        conn.start(request_head(request, backend, body.chunked), request.method == "HEAD")
+        if body.present:
+            await conn.send_body(body.chunks(), body.chunked)
+        return conn, await conn.response(lb.config.read_timeout)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def failed(lb: Balancer, backend: Backend, exc: UpstreamError) -> UpstreamFailure:

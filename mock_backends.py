@@ -4,7 +4,8 @@ One command starts several small Flask apps, each on its own port and threaded w
 server, that say who they are (``GET /``), report health (``GET /health``, switchable with
 ``POST /admin/health``), echo any request, and can be made slow (``?delay_ms=``), failing
 (``?fail=1``) or cacheable (``?cache_control=``) per request, or slow for every request
-(``POST /admin/delay``). ``GET /bytes?n=`` streams a large body for streaming tests.
+(``POST /admin/delay``). ``GET /bytes?n=`` streams a large body for streaming tests;
+``GET /stream?n=&chunk=`` streams one chunked, with no Content-Length, as generators do.
 """
 
 from __future__ import annotations
@@ -135,6 +136,28 @@ def stream_bytes() -> Response:
     return response
 
 
+def stream_chunked() -> Response:
+    """Stream ``n`` bytes (default 5000, at most 64 MiB) in ``chunk``-byte pieces with no Content-Length.
+
+    Like a Flask generator, Node or most frameworks streaming a response: werkzeug frames it
+    ``Transfer-Encoding: chunked``, so the balancer's chunked path is exercised by the demo and
+    the suite. The body is ``0123456789`` repeated, so a client can check every byte.
+    """
+    size = _int_arg("n", 5000, 64 << 20)
+    piece = max(1, _int_arg("chunk", 1000, CHUNK))
+
+    def generate() -> Iterator[bytes]:
+        for start in range(0, size, piece):
+            yield stream_pattern(start, min(start + piece, size))
+
+    return Response(generate(), mimetype="application/octet-stream")
+
+
+def stream_pattern(start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the endless ``0123456789...`` pattern of ``/stream``."""
+    return bytes(48 + i % 10 for i in range(start, end))
+
+
 def echo(path: str = "") -> Response:
     """Answer with what was received, so proxy tests can see headers, body and query."""
     state = _state()
@@ -169,12 +192,18 @@ def create_app(name: str, port: int) -> Flask:
     app.add_url_rule("/admin/health", "set_health", set_health, methods=["POST"])
     app.add_url_rule("/admin/delay", "set_delay", set_delay, methods=["POST"])
     app.add_url_rule("/bytes", "bytes", stream_bytes, methods=["GET", "HEAD"])
+    app.add_url_rule("/stream", "stream", stream_chunked, methods=["GET", "HEAD"])
     app.add_url_rule("/<path:path>", "echo", echo, methods=ALL_METHODS)
     return app
 
 
 class QuietHandler(WSGIRequestHandler):
-    """Request handler that keeps connections alive and logs requests only at DEBUG."""
+    """HTTP/1.1 request handler (chunked streaming) that logs requests only at DEBUG.
+
+    werkzeug closes the connection after every response (and discards whatever arrives in the
+    10 ms after one), so these backends never keep connections alive; the balancer's
+    reused-connection path is tested against raw keep-alive backends in the suite.
+    """
 
     protocol_version = "HTTP/1.1"
 

@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from services import free_port
 from test_geo_router import DATACENTERS, LONDON, MILTON, SHARED_GEOIP, SINGAPORE, build_city_db
 from test_mock_backends import mock_backends, stop, wait_ready
@@ -40,6 +41,7 @@ from load_balancer import (
     BackendSpec,
     Balancer,
     CacheConfig,
+    ConfigError,
     EjectionConfig,
     HealthCheckConfig,
     LBConfig,
@@ -48,6 +50,8 @@ from load_balancer import (
     StrategyEnv,
     build_app,
     hrw_score,
+    load_config,
+    parse_args,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1101,3 +1105,110 @@ async def test_client_abort_mid_upload_closes_the_backend_connection(caplog: pyt
             assert all(b.active == 0 for b in h.lb.pool.backends)
     mine = [r for r in caplog.records if r.name == "load_balancer"]
     assert not [r for r in mine if r.levelno >= logging.WARNING or "unhandled" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- issue 16: framings on reused connections
+
+
+def chunked_reply(body: bytes, piece: int) -> bytes:
+    chunks = b"".join(
+        b"%x\r\n%b\r\n" % (len(body[i : i + piece]), body[i : i + piece]) for i in range(0, len(body), piece)
+    )
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+
+
+STREAMED = {size: bytes(48 + i % 10 for i in range(size)) for size in (50, 300, 5000)}
+
+
+async def keep_alive_streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive backend like Node or a streaming framework: ``/stream/N`` chunked, ``/small`` sized."""
+    try:
+        while True:
+            target = (await read_head(reader)).split(b" ")[1]
+            if target.startswith(b"/stream/"):
+                writer.write(chunked_reply(STREAMED[int(target.rsplit(b"/", 1)[1])], 1000))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@async_test
+async def test_chunked_responses_after_chunked_and_sized_ones_on_one_reused_connection() -> None:
+    """The three reports of issue 16, in order, on one pooled backend connection."""
+    sequence = [
+        ("/stream/300", STREAMED[300]),
+        ("/stream/300", STREAMED[300]),  # chunked after chunked: was 200 with an empty body
+        ("/small", b"small"),
+        ("/stream/50", STREAMED[50]),  # chunked after a small sized one: was framing bytes, then a hang
+        ("/small", b"small"),
+        ("/stream/5000", STREAMED[5000]),  # was cut mid-body: missing CRLF after chunk data
+        ("/stream/5000", STREAMED[5000]),
+    ]
+    async with (
+        raw_backend(keep_alive_streamer) as url,
+        running_lb(make_config([url], checks=False, read_timeout=5.0)) as h,
+    ):
+        for path, expected in sequence:
+            status, _, body = await h.get(path)
+            assert (status, body) == (200, expected), path
+        assert h.backend(url).failures == 0
+        idle = h.lb.upstream._idle[url]
+        assert len(idle) == 1 and idle[0].exchanges == len(sequence)  # every answer came over one connection
+
+
+@async_test
+async def test_mock_backend_stream_route_is_relayed_whole(backends: list[str]) -> None:
+    """The mock backends' chunked route (no Content-Length) through the balancer, small and streamed."""
+    async with running_lb(make_config(backends[:1], checks=False, buffer_bytes=1000)) as h:
+        for size in (0, 999, 5000, 300_000, 5000):
+            status, headers, body = await h.get(f"/stream?n={size}&chunk=777")
+            assert status == 200 and "Content-Length" not in headers
+            assert body == bytes(48 + i % 10 for i in range(size))
+
+
+@async_test
+async def test_backend_closing_an_idle_keep_alive_connection_is_not_a_failure() -> None:
+    """The backend's keep-alive timeout races the next request: resent once on a new connection."""
+    connections = 0
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # says keep-alive, then hangs up
+        await writer.drain()
+        await reader.read(1)  # the next request (or EOF) arrives: hang up without answering it
+        writer.close()
+
+    async with raw_backend(one_answer_per_connection) as url, running_lb(make_config([url], checks=False)) as h:
+        for _ in range(5):
+            status, _, body = await h.get("/")
+            assert (status, body) == (200, b"ok")
+        backend = h.backend(url)
+    assert backend.failures == 0 and backend.consecutive_failures == 0
+    assert connections >= 5
+
+
+def test_trusted_proxies_comes_from_the_environment_like_the_api(tmp_path: Path) -> None:
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"trusted_proxies": 2}))
+    args = parse_args(["--config", str(path)])
+    assert load_config(args, {}).trusted_proxies == 2  # the config-file key still works
+    assert load_config(args, {"TRUSTED_PROXIES": "1"}).trusted_proxies == 1  # the environment wins
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+        load_config(parse_args([]), {"TRUSTED_PROXIES": "-1"})
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_config(parse_args([]), {"TRUSTED_PROXIES": "many"})
+
+
+@async_test
+async def test_trusted_proxies_env_picks_the_client_from_x_forwarded_for(backends: list[str]) -> None:
+    config = load_config(parse_args(["--backends", backends[0]]), {"TRUSTED_PROXIES": "1"})
+    config.health_check.enabled = False
+    async with running_lb(config) as h:
+        app_request = make_mocked_request("GET", "/", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
+        assert h.lb.client_ip(app_request) == "198.51.100.7"
