@@ -602,12 +602,19 @@ def cache_directives(value: str | None) -> dict[str, str]:
     return directives
 
 
-def freshness_seconds(headers: Mapping[str, str]) -> float | None:
+def combined(headers: CIMultiDict[str] | Any, name: str) -> str:
+    """Every line of a list-valued header joined with commas, as HTTP defines repeated fields
+    (RFC 9110 5.3): a second ``Cache-Control: private`` line must count as much as the first."""
+    return ", ".join(headers.getall(name, ()))
+
+
+def freshness_seconds(headers: CIMultiDict[str]) -> float | None:
     """How long a shared cache may keep a response, or None when it must not store it."""
-    cc = cache_directives(headers.get("Cache-Control"))
+    cc = cache_directives(combined(headers, "Cache-Control"))
     if {"no-store", "private", "no-cache"} & cc.keys() or "Set-Cookie" in headers:
         return None
-    if headers.get("Vary", "").strip().lower() not in ("", "accept-encoding"):
+    vary = {token.strip().lower() for token in combined(headers, "Vary").split(",")} - {""}
+    if vary - {"accept-encoding"}:  # the key holds Accept-Encoding only; anything else (or *) is not cached
         return None
     for directive in ("s-maxage", "max-age"):
         if directive in cc:
@@ -639,10 +646,10 @@ class ResponseCache:
         """``bypass`` (never cached), ``refresh`` (fetch, may store) or ``use``."""
         if request.method != "GET" or any(name in request.headers for name in PRIVATE_REQUEST_HEADERS):
             return "bypass"
-        cc = cache_directives(request.headers.get("Cache-Control"))
+        cc = cache_directives(combined(request.headers, "Cache-Control"))
         if "no-store" in cc:
             return "bypass"
-        if "no-cache" in cc or cc.get("max-age") == "0" or request.headers.get("Pragma") == "no-cache":
+        if "no-cache" in cc or cc.get("max-age") == "0" or "no-cache" in combined(request.headers, "Pragma"):
             return "refresh"
         return "use"
 

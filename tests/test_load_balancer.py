@@ -590,6 +590,47 @@ def test_cache_is_lru_bounded_by_entries_and_bytes() -> None:
     assert not cache.put("big", 200, headers, b"1" * 81, "x")
 
 
+CACHE_HEADER_LINES = {
+    b"/private-second": b"Cache-Control: max-age=60\r\nCache-Control: private\r\n",
+    b"/no-store-second": b"Cache-Control: public\r\nCache-Control: max-age=60, no-store\r\n",
+    b"/vary-second": b"Cache-Control: max-age=60\r\nVary: Accept-Encoding\r\nVary: Cookie\r\n",
+    b"/vary-star": b"Cache-Control: max-age=60\r\nVary: accept-encoding\r\nVary: *\r\n",
+    b"/cacheable": b"Cache-Control: public\r\nCache-Control: max-age=60\r\nVary: Accept-Encoding\r\n",
+}
+
+
+@async_test
+async def test_repeated_cache_control_and_vary_lines_are_combined() -> None:
+    """Issue 11 item 9: a second Cache-Control or Vary line counts as much as the first."""
+    served = Counter[bytes]()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                target = (await read_head(reader)).split(b" ")[1]
+                served[target] += 1
+                body = b"%s #%d" % (target, served[target])
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%b" % (CACHE_HEADER_LINES[target], len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        for path in CACHE_HEADER_LINES:
+            first = await h.get(path.decode())
+            second = await h.get(path.decode())
+            assert first[0] == second[0] == 200
+    assert served == {
+        b"/private-second": 2,
+        b"/no-store-second": 2,
+        b"/vary-second": 2,
+        b"/vary-star": 2,
+        b"/cacheable": 1,
+    }
+
+
 # --------------------------------------------------------------------------- admin routes
 
 
