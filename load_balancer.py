@@ -16,6 +16,8 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -32,6 +34,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from geo_router import Datacenter, GeoRouter
@@ -89,6 +92,24 @@ class ClientGone(LBError):
     """The client disconnected before the balancer could answer; nobody will read the reply."""
 
     status, code = 499, "client_closed_request"
+
+
+class Unauthorized(LBError):
+    """An admin route needs ``Authorization: Bearer <LB_ADMIN_TOKEN>``."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(LBError):
+    """Without LB_ADMIN_TOKEN, admin routes answer loopback clients only."""
+
+    status, code = 403, "forbidden"
+
+
+class UnsupportedMediaType(LBError):
+    """JSON only, so no cross-site HTML form can post an admin change."""
+
+    status, code = 415, "unsupported_media_type"
 
 
 class NoHealthyBackends(LBError):
@@ -169,6 +190,10 @@ class LBConfig:
     shutdown_timeout: float = 30.0
     trusted_proxies: int = 0
     adaptive_decay_seconds: float = 10.0
+    admin_token: str = ""  # LB_ADMIN_TOKEN: Bearer token for /change_strategy; unset: loopback callers only
+    max_connections: int = 1000  # client connections open at once (HAProxy's maxconn)
+    request_head_timeout: float = 10.0  # whole request head, from its first byte (HAProxy's timeout http-request)
+    keepalive_timeout: float = 30.0  # idle keep-alive client connection, until the next request's first byte
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -186,6 +211,10 @@ class LBConfig:
                 raise ConfigError(f"backend URL must start with http:// or https://, got {spec.url!r}")
             if spec.weight < 1:
                 raise ConfigError(f"backend weight must be >= 1, got {spec.weight} for {spec.url}")
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections (LB_MAX_CONNECTIONS) must be >= 1, got {self.max_connections}")
+        if self.request_head_timeout <= 0 or self.keepalive_timeout <= 0:
+            raise ConfigError("request_head_timeout and keepalive_timeout must be > 0 seconds")
         if self.trusted_proxies < 0:
             raise ConfigError(f"trusted_proxies (TRUSTED_PROXIES) must be >= 0, got {self.trusted_proxies}")
         names = {dc.name for dc in self.datacenters}
@@ -261,7 +290,7 @@ def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
     for section in ("health_check", "ejection", "cache"):
         if section in data:
             _fill(getattr(config, section), data.pop(section), f"{section}.")
-    for key in ("strategy", "host", "default_datacenter", "geoip_db_path"):
+    for key in ("strategy", "host", "default_datacenter", "geoip_db_path", "admin_token"):
         if key in data:
             setattr(config, key, data.pop(key))
     _fill(config, data, "")
@@ -288,6 +317,10 @@ def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
         ("LB_DEFAULT_DATACENTER", "default_datacenter"),
         ("GEOIP_DB_PATH", "geoip_db_path"),
         ("TRUSTED_PROXIES", "trusted_proxies"),  # the same variable and meaning as the API's
+        ("LB_ADMIN_TOKEN", "admin_token"),
+        ("LB_MAX_CONNECTIONS", "max_connections"),
+        ("LB_REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
+        ("LB_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
     ):
         if env.get(var):
             data[key] = env[var]
@@ -639,7 +672,7 @@ class ResponseCache:
 
     @staticmethod
     def key(request: web.Request) -> str:
-        return f"{request.host}{request.raw_path}|{request.headers.get('Accept-Encoding', '')}"
+        return f"{request.headers.get('Host', '')}{origin_target(request)}|{request.headers.get('Accept-Encoding', '')}"
 
     @staticmethod
     def request_mode(request: web.Request) -> str:
@@ -1180,6 +1213,7 @@ class Balancer:
         self.strategy: Strategy = STRATEGIES[config.strategy](self.env)
         self.session: ClientSession | None = None
         self.upstream = UpstreamPool(config.connect_timeout, config.buffer_bytes)
+        self.guard = ConnectionGuard(config.max_connections, config.request_head_timeout, config.keepalive_timeout)
         self.total_requests = 0
         self.started_at = time.time()
 
@@ -1205,6 +1239,7 @@ class Balancer:
             "backends": [b.stats(now) for b in self.pool.backends],
             "cache": self.cache.stats(),
             "healthy_backends": len(self.pool.candidates()),
+            "connections": self.guard.stats(),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
         if self.geo is not None:
@@ -1230,16 +1265,33 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     """
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     peer = request.remote or "unknown"
-    lines = [f"{request.method} {backend.prefix}{request.raw_path} HTTP/1.1", f"Host: {backend.netloc}"]
+    lines = [f"{request.method} {backend.prefix}{origin_target(request)} HTTP/1.1", f"Host: {backend.netloc}"]
     lines += [f"{k}: {v}" for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     lines.append(f"X-Forwarded-Proto: {request.scheme}")
-    lines.append(f"X-Forwarded-Host: {request.host}")
+    if "Host" in request.headers:  # never request.host: for an absolute-form target that is the URL's authority
+        lines.append(f"X-Forwarded-Host: {request.headers['Host']}")
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     elif request.content_length is not None:
         lines.append(f"Content-Length: {request.content_length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def origin_target(request: web.Request) -> str:
+    """The request target as a path and query (origin-form).
+
+    An absolute-form target (``GET http://169.254.169.254/x HTTP/1.1``) is what a forward proxy
+    gets; this reverse proxy keeps only its path and query, so a backend never sees an authority
+    the client chose (aiohttp's router has already refused targets with no path, and ``*``).
+    """
+    target = request.raw_path
+    if target.startswith("/"):
+        return target
+    origin = request.rel_url.raw_path_qs
+    if not origin.startswith("/"):
+        raise BadRequest("the request target must be a path or an absolute URL with a path")
+    return origin
 
 
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
@@ -1477,9 +1529,34 @@ async def lb_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "healthy_backends": healthy})
 
 
+def require_admin(request: web.Request, lb: Balancer) -> None:
+    """``Authorization: Bearer <LB_ADMIN_TOKEN>`` when a token is set (constant-time compare);
+    otherwise the caller must be on this machine (the socket peer, never X-Forwarded-For)."""
+    token = lb.config.admin_token
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("send Authorization: Bearer <LB_ADMIN_TOKEN>")
+        return
+    if not is_loopback(request.remote):
+        raise Forbidden("without LB_ADMIN_TOKEN only clients on this machine may change the balancer")
+
+
+def is_loopback(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # dual-stack sockets
+    return (mapped or ip).is_loopback
+
+
 @routes.post("/change_strategy")
 async def change_strategy(request: web.Request) -> web.Response:
     lb = request.app[BALANCER]
+    require_admin(request, lb)
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as Content-Type: application/json")
     valid = list(STRATEGIES)
     try:
         body = await request.json()
@@ -1517,7 +1594,10 @@ async def error_middleware(request: web.Request, handler: Callable[..., Any]) ->
     try:
         return await handler(request)
     except LBError as exc:
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="load balancer"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -1527,11 +1607,152 @@ async def error_middleware(request: web.Request, handler: Callable[..., Any]) ->
         return error_response(500, "internal_error", "the load balancer hit an unexpected error")
 
 
+# --------------------------------------------------------------------------- client connection limits
+
+
+class ConnectionGuard:
+    """Caps client connections and times out slow request heads and idle keep-alive connections.
+
+    HAProxy's model: ``maxconn``, ``timeout http-request`` (the whole head must arrive within
+    ``request_head_timeout`` of its first byte) and ``timeout http-keep-alive``. At the cap, a
+    new connection takes the place of the oldest one still waiting for a request head (a
+    slowloris client holds exactly such connections), so trickling clients cannot lock out a
+    normal one; only when every connection is busy with a request is the new one closed.
+    """
+
+    def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.open: dict[GuardedHandler, None] = {}  # insertion order: oldest first
+        self.refused = 0
+        self.evicted = 0
+        self.head_timeouts = 0
+        self.idle_timeouts = 0
+
+    def opened(self, handler: GuardedHandler) -> None:
+        if len(self.open) >= self.max_connections:
+            victim = next((h for h in self.open if h.state != "busy"), None)
+            if victim is None:
+                self.refused += 1
+                handler.force_close()
+                return
+            self.evicted += 1
+            self.closed(victim)
+            victim.force_close()
+        self.open[handler] = None
+        handler.arm(self.head_timeout)
+
+    def closed(self, handler: GuardedHandler) -> None:
+        self.open.pop(handler, None)
+        handler.disarm()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "open": len(self.open),
+            "max": self.max_connections,
+            "refused": self.refused,
+            "evicted": self.evicted,
+            "head_timeouts": self.head_timeouts,
+            "idle_timeouts": self.idle_timeouts,
+        }
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection handler with the guard's timers: ``head`` (a request head is
+    arriving), ``busy`` (a request is being served), ``idle`` (keep-alive, between requests)."""
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+        self.state = "head"
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.guard.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.guard.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "idle":  # first byte of the next request: its head has head_timeout to finish
+            self.state = "head"
+            self.arm(self.guard.head_timeout)
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        self.state = "busy"
+        self.disarm()
+
+    def request_finished(self) -> None:
+        if self.state == "busy":
+            self.state = "idle"
+            self.arm(self.guard.keepalive_timeout)
+
+    def arm(self, seconds: float) -> None:
+        self.disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.state == "busy" or self not in self.guard.open:
+            return
+        transport = self.transport
+        if self.state == "idle" and transport is not None and transport.get_write_buffer_size():
+            self.arm(self.guard.keepalive_timeout)  # the last response is still being written
+            return
+        if self.state == "head":
+            self.guard.head_timeouts += 1
+            log.info("closing a client connection whose request head did not arrive in time")
+        else:
+            self.guard.idle_timeouts += 1
+        self.guard.closed(self)
+        self.force_close()
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server for the app, building ``GuardedHandler`` connections."""
+
+    def __init__(self, base: web.Server, guard: ConnectionGuard) -> None:  # noqa: D107
+        self.__dict__.update(vars(base))  # adopt the server aiohttp built for the app, every setting kept
+        self.guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """``AppRunner`` whose client connections the balancer's ``ConnectionGuard`` limits."""
+
+    async def _make_server(self) -> web.Server:
+        return GuardedServer(await super()._make_server(), self.app[BALANCER].guard)
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """Tell the connection's guard a request head is complete, and when the request is over."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler):
+        protocol.request_started()
+    try:
+        return await handler(request)
+    finally:
+        if isinstance(protocol, GuardedHandler):
+            protocol.request_finished()
+
+
 def build_app(
     config: LBConfig, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
 ) -> web.Application:
-    """Application factory: admin routes first, then the proxy catch-all."""
-    app = web.Application(middlewares=[error_middleware])
+    """Application factory: admin routes first, then the proxy catch-all (serve it with ``GuardedRunner``)."""
+    app = web.Application(middlewares=[guard_middleware, error_middleware])
     app[BALANCER] = Balancer(config.validate(), clock, rng)
     app.add_routes(routes)
     for path in ("/stats", "/change_strategy", "/dashboard", "/lb/health", "/lb/dashboard.js"):
@@ -1553,7 +1774,8 @@ th{background:#f3f3f3}td:first-child{text-align:left}.up{color:#080}.down{color:
 #error{color:#b00}
 </style></head><body>
 <h1>Load balancer</h1>
-<p>Strategy: <select id="strategy"></select> <span id="strategy-status"></span></p>
+<p>Strategy: <select id="strategy"></select> <span id="strategy-status"></span>
+<label>admin token (if LB_ADMIN_TOKEN is set): <input id="token" type="password" autocomplete="off"></label></p>
 <p>Total requests: <b id="total">-</b> &middot; healthy backends: <b id="healthy">-</b></p>
 <table><thead><tr><th>backend</th><th>state</th><th>weight</th><th>active</th><th>requests</th>
 <th>failures</th><th>avg ms</th></tr></thead><tbody id="backends"></tbody></table>
@@ -1604,9 +1826,13 @@ async function poll() {
     $('error').textContent = 'cannot reach /stats: ' + err;
   }
 }
+$('token').value = sessionStorage.getItem('lbAdminToken') || '';
+$('token').addEventListener('change', () => sessionStorage.setItem('lbAdminToken', $('token').value));
 $('strategy').addEventListener('change', async (event) => {
+  const headers = {'Content-Type': 'application/json'};
+  if ($('token').value) headers.Authorization = 'Bearer ' + $('token').value;
   const resp = await fetch('/change_strategy', {
-    method: 'POST', headers: {'Content-Type': 'application/json'},
+    method: 'POST', headers,
     body: JSON.stringify({strategy: event.target.value}),
   });
   const data = await resp.json();
@@ -1672,15 +1898,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.strategy,
         ", ".join(b.url for b in config.backends),
     )
-    web.run_app(
-        build_app(config),
-        sock=sock,
-        shutdown_timeout=config.shutdown_timeout,
-        access_log=None,
-        print=None,
-        loop=event_loop(),
-    )
+    loop = event_loop()
+    asyncio.set_event_loop(loop)
+    main_task = loop.create_task(serve(build_app(config), sock, config.shutdown_timeout))
+    try:
+        loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT: drain, then stop
+        main_task.cancel()
+        loop.run_until_complete(asyncio.gather(main_task, return_exceptions=True))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return 0
+
+
+async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+    """What ``web.run_app`` does, with the guarded runner: serve until a signal, then drain in-flight requests."""
+    runner = GuardedRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

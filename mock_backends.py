@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ class BackendState:
     port: int
     healthy: bool = True
     delay_ms: int = 0
+    admin_token: str = ""  # LB_ADMIN_TOKEN: lets /admin/* through a proxy
     counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,7 +102,25 @@ def health() -> tuple[Response, int]:
     return jsonify(status="ok" if state.healthy else "unhealthy", server=state.name), status
 
 
+def admin_refusal() -> tuple[Response, int] | None:
+    """The fault switches (``/admin/*``) are for whoever runs the backends, not for the public.
+
+    A request that came through a proxy (the balancer always adds ``X-Forwarded-For``) is refused
+    unless it carries ``Authorization: Bearer <LB_ADMIN_TOKEN>`` (when that is set); direct calls
+    on the backend's own port, as from the test suite and run_system, are served.
+    """
+    if not any(name in request.headers for name in ("X-Forwarded-For", "Forwarded", "X-Real-IP")):
+        return None
+    token = _state().admin_token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    return _error(403, "forbidden", "backend admin routes are not served through a proxy without Bearer LB_ADMIN_TOKEN")
+
+
 def set_health() -> Any:
+    if (refused := admin_refusal()) is not None:
+        return refused
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("healthy"), bool):
         return _error(400, "invalid_field", 'body must be JSON {"healthy": true|false}')
@@ -110,6 +130,8 @@ def set_health() -> Any:
 
 
 def set_delay() -> Any:
+    if (refused := admin_refusal()) is not None:
+        return refused
     body = request.get_json(silent=True)
     delay = body.get("delay_ms") if isinstance(body, dict) else None
     if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY_MS:
@@ -183,7 +205,9 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 def create_app(name: str, port: int) -> Flask:
     """Application factory for one mock backend."""
     app = Flask(name)
-    app.extensions["mock_backend"] = BackendState(name=name, port=port)
+    app.extensions["mock_backend"] = BackendState(
+        name=name, port=port, admin_token=os.environ.get("LB_ADMIN_TOKEN", "")
+    )
     app.before_request(_before)
     app.after_request(_after)
     app.add_url_rule("/", "identity", identity, methods=["GET", "HEAD"])

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from services import free_port
 
-from load_balancer import BackendSpec, CacheConfig, HealthCheckConfig, LBConfig, build_app
+from load_balancer import BackendSpec, CacheConfig, GuardedRunner, HealthCheckConfig, LBConfig, build_app
 
 BUFFER_BYTES = 64  # small, so both the buffered and the streamed body paths are exercised
 NOT_COMPARED = frozenset(
@@ -313,7 +313,7 @@ def rig() -> Iterator[Rig]:
             read_timeout=10.0,
         )
         app = build_app(config)
-        runner = web.AppRunner(app, access_log=None)
+        runner = GuardedRunner(app, access_log=None)
         await runner.setup()
         lb_port = free_port()
         await web.TCPSite(runner, "127.0.0.1", lb_port).start()

@@ -43,6 +43,7 @@ from load_balancer import (
     CacheConfig,
     ConfigError,
     EjectionConfig,
+    GuardedRunner,
     HealthCheckConfig,
     LBConfig,
     ResponseCache,
@@ -115,7 +116,7 @@ class Harness:
 @asynccontextmanager
 async def running_lb(config: LBConfig, **kwargs: Any) -> AsyncIterator[Harness]:
     app = build_app(config, **kwargs)
-    runner = web.AppRunner(app, access_log=None)
+    runner = GuardedRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -656,7 +657,9 @@ async def test_change_strategy_accepts_valid_and_rejects_invalid(backends: list[
         async with post(h.url + "/change_strategy", json={"strategy": "least_connections"}) as resp:
             assert resp.status == 200 and await resp.json() == {"strategy": "least_connections"}
         for body in (b'{"strategy": "fastest"}', b"{not json", b'["round_robin"]', b"{}"):
-            async with post(h.url + "/change_strategy", data=body) as resp:
+            async with post(
+                h.url + "/change_strategy", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
                 error = await resp.json()
                 assert resp.status == 400, body
                 assert error["error"] == "bad_request" and "round_robin" in error["message"]
@@ -1253,3 +1256,152 @@ async def test_trusted_proxies_env_picks_the_client_from_x_forwarded_for(backend
     async with running_lb(config) as h:
         app_request = make_mocked_request("GET", "/", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
         assert h.lb.client_ip(app_request) == "198.51.100.7"
+
+
+# --------------------------------------------------------------------------- issue 11 items 10-12
+
+
+async def post_strategy(h: Harness, **kwargs: Any) -> tuple[int, Any]:
+    async with h.client.post(h.url + "/change_strategy", **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+@async_test
+async def test_change_strategy_takes_json_only(backends: list[str]) -> None:
+    """A cross-site HTML form (text/plain, urlencoded) cannot switch the strategy."""
+    async with running_lb(make_config(backends, checks=False)) as h:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            status, error = await post_strategy(
+                h, data=b'{"strategy": "least_connections"}', headers={"Content-Type": content_type}
+            )
+            assert (status, error["error"]) == (415, "unsupported_media_type"), content_type
+        assert h.lb.strategy.name == "round_robin"
+
+
+@async_test
+async def test_change_strategy_requires_the_admin_token_when_set(backends: list[str]) -> None:
+    config = load_config(parse_args(["--backends", backends[0]]), {"LB_ADMIN_TOKEN": "s3cret-token"})
+    config.health_check.enabled = False
+    async with running_lb(config) as h:
+        body = {"strategy": "least_connections"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            status, error = await post_strategy(h, json=body, headers=headers)
+            assert (status, error["error"]) == (401, "unauthorized"), headers
+        assert h.lb.strategy.name == "round_robin"
+        status, answer = await post_strategy(h, json=body, headers={"Authorization": "Bearer s3cret-token"})
+        assert (status, answer) == (200, {"strategy": "least_connections"})
+
+
+class PeerTransport:
+    """Just enough of a transport for ``request.remote``: the socket peer's address."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer, 40000) if name == "peername" else default
+
+
+@pytest.mark.parametrize("peer", ["203.0.113.7", "192.0.2.2", "::ffff:8.8.8.8", "2001:db8::1"])
+def test_without_a_token_only_loopback_callers_may_change_the_balancer(peer: str) -> None:
+    from load_balancer import Forbidden, require_admin
+
+    lb = Balancer(make_config(["http://127.0.0.1:9"], checks=False))
+    for local in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        require_admin(make_mocked_request("POST", "/change_strategy", transport=PeerTransport(local)), lb)
+    remote = make_mocked_request(
+        "POST", "/change_strategy", headers={"X-Forwarded-For": "127.0.0.1"}, transport=PeerTransport(peer)
+    )
+    with pytest.raises(Forbidden):  # X-Forwarded-For claiming loopback changes nothing
+        require_admin(remote, lb)
+
+
+@async_test
+async def test_mock_backend_admin_routes_are_not_reachable_through_the_balancer(backends: list[str]) -> None:
+    async with running_lb(make_config(backends[:1], checks=False)) as h:
+        for path, body in (("/admin/health", {"healthy": False}), ("/admin/delay", {"delay_ms": 5000})):
+            async with h.client.post(h.url + path, json=body) as resp:
+                assert resp.status == 403 and (await resp.json())["error"] == "forbidden", path
+    assert requests.get(backends[0] + "/health", timeout=5).status_code == 200  # still healthy
+    assert requests.post(backends[0] + "/admin/delay", json={"delay_ms": 0}, timeout=5).status_code == 200  # direct
+
+
+def test_mock_backend_admin_routes_through_a_proxy_take_lb_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mock_backends
+
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "tok-123")
+    client = mock_backends.create_app("backend-1", 5001).test_client()
+    proxied = {"X-Forwarded-For": "198.51.100.1"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=proxied).status_code == 403
+    wrong = {**proxied, "Authorization": "Bearer nope"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=wrong).status_code == 403
+    right = {**proxied, "Authorization": "Bearer tok-123"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=right).status_code == 200
+    assert client.get("/health").status_code == 503
+
+
+@async_test
+@pytest.mark.parametrize(
+    "target", [b"http://169.254.169.254/latest/meta-data?x=1", b"HTTP://169.254.169.254:80/latest/meta-data?x=1"]
+)
+async def test_absolute_form_target_reaches_the_backend_in_origin_form_only(target: bytes) -> None:
+    backend = RecordingBackend()
+    request = b"GET %b HTTP/1.1\r\nHost: lb.example\r\nConnection: close\r\n\r\n" % target
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        answer = await raw_exchange(h.url, request)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert backend.request_lines == [b"GET /latest/meta-data?x=1 HTTP/1.1"]
+    assert b"169.254.169.254" not in backend.heads[0]
+    assert b"x-forwarded-host: lb.example" in backend.heads[0].lower()
+
+
+async def trickle(port: int, opened: asyncio.Event, count: list[int]) -> bool:
+    """A slowloris client: a request head one header line at a time, never finished. True if the balancer hung up."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    count[0] += 1
+    if count[0] >= 300:
+        opened.set()
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: lb\r\n")
+        for i in range(600):  # up to a minute of trickling, far beyond the head timeout
+            writer.write(b"X-Slow-%d: 1\r\n" % i)
+            await writer.drain()
+            try:
+                async with asyncio.timeout(0.1):
+                    if await reader.read(1) == b"":
+                        return True
+            except TimeoutError:
+                continue
+        return False
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+@async_test
+async def test_trickling_connections_are_capped_and_timed_out_and_a_normal_request_is_served(
+    backends: list[str],
+) -> None:
+    config = make_config(backends[:1], checks=False, max_connections=100, request_head_timeout=1.0)
+    async with running_lb(config) as h:
+        port = int(h.url.rsplit(":", 1)[1])
+        opened, count = asyncio.Event(), [0]
+        attack = [asyncio.create_task(trickle(port, opened, count)) for _ in range(300)]
+        async with asyncio.timeout(20):
+            await opened.wait()
+        guard = h.lb.guard
+        assert len(guard.open) <= 100  # the cap held
+        async with asyncio.timeout(5):  # served while the attack goes on, well before the head timeout
+            status, _, body = await h.get("/")
+        assert status == 200 and body["server"] == "backend-1"
+        async with asyncio.timeout(30):
+            hung_up = await asyncio.gather(*attack)
+        assert all(hung_up)  # every trickler was evicted or timed out, none kept a slot
+        stats = (await h.get("/stats"))[2]["connections"]
+    assert stats["evicted"] >= 1 and stats["head_timeouts"] >= 1
+    assert stats["evicted"] + stats["head_timeouts"] >= 200  # at most 100 were open at a time
+    assert stats["max"] == 100
