@@ -4,32 +4,31 @@
 routes (``/stats``, ``/dashboard``, ``/change_strategy``, ``/lb/...``) win over the proxy
 catch-all. Every error it produces itself is ``{"error": code, "message": text}``.
 Proxied requests travel over the balancer's own keep-alive HTTP/1.1 connection pool
-(``UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
-Run it with ``python load_balancer.py`` (see ``--help``); configuration comes from a JSON file,
-the environment (``LB_*``) and flags, in increasing precedence.
+(``lb_upstream.UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
+Run it with ``python load_balancer.py`` (see ``--help``); configuration (``lb_config``) comes
+from a JSON file, the environment (``LB_*``) and flags, in increasing precedence. The dashboard
+page and script are ``templates/lb_dashboard.html`` and ``static/lb_dashboard.js``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import errno
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import os
 import random
 import socket
-import ssl
 import sys
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -37,11 +36,21 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from geo_router import Datacenter, GeoRouter
+from geo_router import GeoRouter
+from lb_config import (  # the configuration names stay importable from here, as before the split
+    STRATEGY_NAMES,
+    BackendSpec,
+    CacheConfig,
+    ConfigError,
+    EjectionConfig,
+    HealthCheckConfig,  # noqa: F401 - re-exported for callers of the pre-split module
+    LBConfig,
+    load_config,
+)
+from lb_upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKENDS = ("http://127.0.0.1:5001", "http://127.0.0.1:5002", "http://127.0.0.1:5003")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     {
@@ -61,9 +70,6 @@ STREAM_CHUNK = 64 * 1024
 # Requests carrying credentials are never answered from (or stored in) the shared cache; an API
 # key counts as a credential even though HTTP caches do not know the header.
 PRIVATE_REQUEST_HEADERS = ("Authorization", "Cookie", "X-API-Key")
-STREAM_HIGH_WATER = 1024 * 1024  # pause reading a backend when this much body waits for a slow client
-MAX_HEAD_BYTES = 64 * 1024
-FRAMING_HEADERS = frozenset({"connection", "content-length", "transfer-encoding"})
 BODY_FRAMING = frozenset({"content-length", "transfer-encoding"})  # never removable via Connection tokens
 
 
@@ -124,232 +130,8 @@ class BadGateway(LBError):
     status, code = 502, "bad_gateway"
 
 
-class ConfigError(ValueError):
-    """The configuration (file, environment or flags) cannot be run."""
-
-
 def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": code, "message": message, **extra}, status=status)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class BackendSpec:
-    """One upstream as configured."""
-
-    url: str
-    weight: int = 1
-    datacenter: str | None = None
-
-
-@dataclass
-class HealthCheckConfig:
-    """Active health checks: GET ``path`` every ``interval`` seconds."""
-
-    enabled: bool = True
-    path: str = "/health"
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 2
-
-
-@dataclass
-class EjectionConfig:
-    """Passive ejection: ``max_failures`` consecutive transport failures eject a backend."""
-
-    max_failures: int = 3
-    base_seconds: float = 5.0
-    max_seconds: float = 300.0
-
-
-@dataclass
-class CacheConfig:
-    """Bounds of the shared GET response cache."""
-
-    enabled: bool = True
-    max_entries: int = 1024
-    max_bytes: int = 64 * 1024 * 1024
-    max_entry_bytes: int = 1024 * 1024
-
-
-@dataclass
-class LBConfig:
-    """Everything the balancer needs; built by ``load_config`` or directly in tests."""
-
-    backends: list[BackendSpec] = field(default_factory=lambda: [BackendSpec(u) for u in DEFAULT_BACKENDS])
-    strategy: str = "round_robin"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    retries: int = 2
-    connect_timeout: float = 2.0
-    read_timeout: float = 30.0
-    buffer_bytes: int = 1024 * 1024
-    shutdown_timeout: float = 30.0
-    trusted_proxies: int = 0
-    adaptive_decay_seconds: float = 10.0
-    admin_token: str = ""  # LB_ADMIN_TOKEN: Bearer token for /change_strategy; unset: loopback callers only
-    max_connections: int = 1000  # client connections open at once (HAProxy's maxconn)
-    request_head_timeout: float = 10.0  # whole request head, from its first byte (HAProxy's timeout http-request)
-    keepalive_timeout: float = 30.0  # idle keep-alive client connection, until the next request's first byte
-    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
-    ejection: EjectionConfig = field(default_factory=EjectionConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    datacenters: list[Datacenter] = field(default_factory=list)
-    default_datacenter: str | None = None
-    geoip_db_path: str | None = None
-
-    def validate(self) -> LBConfig:
-        if not self.backends:
-            raise ConfigError("at least one backend is required")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        for spec in self.backends:
-            if not spec.url.startswith(("http://", "https://")):
-                raise ConfigError(f"backend URL must start with http:// or https://, got {spec.url!r}")
-            if spec.weight < 1:
-                raise ConfigError(f"backend weight must be >= 1, got {spec.weight} for {spec.url}")
-        if self.max_connections < 1:
-            raise ConfigError(f"max_connections (LB_MAX_CONNECTIONS) must be >= 1, got {self.max_connections}")
-        if self.request_head_timeout <= 0 or self.keepalive_timeout <= 0:
-            raise ConfigError("request_head_timeout and keepalive_timeout must be > 0 seconds")
-        if self.trusted_proxies < 0:
-            raise ConfigError(f"trusted_proxies (TRUSTED_PROXIES) must be >= 0, got {self.trusted_proxies}")
-        names = {dc.name for dc in self.datacenters}
-        if self.default_datacenter and self.default_datacenter not in names:
-            raise ConfigError(f"default_datacenter {self.default_datacenter!r} is not a configured datacenter")
-        return self
-
-
-def _coerce(value: Any, like: Any, where: str) -> Any:
-    """Coerce a JSON/env value to the type of the dataclass default ``like``."""
-    try:
-        if isinstance(like, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    return value
-
-
-def _fill(obj: Any, values: Mapping[str, Any], where: str) -> None:
-    """Set scalar dataclass fields of ``obj`` from ``values``, rejecting unknown keys."""
-    known = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"unknown configuration key {where}{key!r}")
-        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}{key}"))
-
-
-def parse_backend(item: Any) -> BackendSpec:
-    if isinstance(item, str):
-        return BackendSpec(item.strip().rstrip("/"))
-    if isinstance(item, Mapping) and isinstance(item.get("url"), str):
-        spec = BackendSpec(item["url"].strip().rstrip("/"))
-        _fill(spec, {k: v for k, v in item.items() if k != "url"}, "backends[].")
-        return spec
-    raise ConfigError(f"a backend must be a URL or {{'url': ..., 'weight': ...}}, got {item!r}")
-
-
-def parse_datacenters(items: Any) -> tuple[list[Datacenter], dict[str, str]]:
-    """Parse ``[{"name", "lat", "lon", "backends": [urls]}]``; return them and url -> datacenter."""
-    if not isinstance(items, list):
-        raise ConfigError("datacenters must be a list of {name, lat, lon, backends}")
-    datacenters, placement = [], {}
-    for item in items:
-        try:
-            urls = tuple(u.rstrip("/") for u in item.get("backends", []))
-            dc = Datacenter(str(item["name"]), float(item["lat"]), float(item["lon"]), urls)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ConfigError(f"datacenter entries need name, lat, lon (and backends), got {item!r}") from None
-        datacenters.append(dc)
-        placement.update(dict.fromkeys(urls, dc.name))
-    return datacenters, placement
-
-
-def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
-    """Apply a JSON-shaped mapping (the config file format) onto ``config``."""
-    data = dict(data)
-    if "datacenters" in data and "backends" not in data:
-        config.backends = []  # the datacenters list their own backends; don't keep the defaults
-    if "backends" in data:
-        config.backends = [parse_backend(b) for b in data.pop("backends")]
-    if "datacenters" in data:
-        config.datacenters, placement = parse_datacenters(data.pop("datacenters"))
-        urls = {b.url for b in config.backends}
-        config.backends.extend(BackendSpec(u) for u in placement if u not in urls)
-        for spec in config.backends:
-            spec.datacenter = placement.get(spec.url, spec.datacenter)
-    for section in ("health_check", "ejection", "cache"):
-        if section in data:
-            _fill(getattr(config, section), data.pop(section), f"{section}.")
-    for key in ("strategy", "host", "default_datacenter", "geoip_db_path", "admin_token"):
-        if key in data:
-            setattr(config, key, data.pop(key))
-    _fill(config, data, "")
-
-
-def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
-    """Translate ``LB_*`` variables (and ``GEOIP_DB_PATH``, ``TRUSTED_PROXIES``) into the config file format."""
-    data: dict[str, Any] = {}
-    if env.get("LB_BACKENDS"):
-        urls = [u for u in env["LB_BACKENDS"].split(",") if u.strip()]
-        weights = [w for w in env.get("LB_WEIGHTS", "").split(",") if w.strip()]
-        if weights and len(weights) != len(urls):
-            raise ConfigError(f"LB_WEIGHTS has {len(weights)} entries for {len(urls)} LB_BACKENDS")
-        data["backends"] = [{"url": u, "weight": w} for u, w in zip(urls, weights or ["1"] * len(urls), strict=True)]
-    if env.get("LB_DATACENTERS"):
-        try:
-            data["datacenters"] = json.loads(env["LB_DATACENTERS"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"LB_DATACENTERS must be a JSON list: {exc}") from None
-    for var, key in (
-        ("LB_STRATEGY", "strategy"),
-        ("LB_HOST", "host"),
-        ("LB_PORT", "port"),
-        ("LB_DEFAULT_DATACENTER", "default_datacenter"),
-        ("GEOIP_DB_PATH", "geoip_db_path"),
-        ("TRUSTED_PROXIES", "trusted_proxies"),  # the same variable and meaning as the API's
-        ("LB_ADMIN_TOKEN", "admin_token"),
-        ("LB_MAX_CONNECTIONS", "max_connections"),
-        ("LB_REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
-        ("LB_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
-    ):
-        if env.get(var):
-            data[key] = env[var]
-    if env.get("LB_HEALTH_INTERVAL"):
-        data["health_check"] = {"interval": env["LB_HEALTH_INTERVAL"]}
-    return data
-
-
-def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> LBConfig:
-    """Defaults < JSON file (``--config`` or ``LB_CONFIG``) < environment < flags."""
-    config = LBConfig()
-    path = args.config or env.get("LB_CONFIG")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
-        apply_mapping(config, data)
-    apply_mapping(config, env_mapping(env))
-    flags: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if args.strategy:
-        flags["strategy"] = args.strategy
-    if args.backends:
-        flags.update(env_mapping({"LB_BACKENDS": args.backends, "LB_WEIGHTS": args.weights or ""}))
-    apply_mapping(config, flags)
-    return config.validate()
 
 
 # --------------------------------------------------------------------------- backends
@@ -608,6 +390,8 @@ class Geo(RoundRobin):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (RoundRobin, LeastConnections, SmoothWeighted, IpHash, Adaptive, Geo)
 }
+if tuple(STRATEGIES) != STRATEGY_NAMES:  # lb_config validates names without importing the classes
+    raise RuntimeError(f"lb_config.STRATEGY_NAMES {STRATEGY_NAMES} does not match STRATEGIES {tuple(STRATEGIES)}")
 
 
 # --------------------------------------------------------------------------- cache
@@ -717,442 +501,6 @@ class ResponseCache:
 
     def stats(self) -> dict[str, Any]:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self.bytes}
-
-
-# --------------------------------------------------------------------------- upstream HTTP/1.1 client
-
-
-class UpstreamError(Exception):
-    """The backend connection failed; ``sent`` is False only when it was never established."""
-
-    def __init__(self, message: str, sent: bool = True, stale: bool = False) -> None:
-        super().__init__(message)
-        self.sent = sent
-        self.stale = stale  # a reused keep-alive connection closed before any byte of the answer
-
-
-class UpstreamResponse:
-    """Status, headers and either the whole (small) body or a stream of body pieces."""
-
-    def __init__(self, conn: UpstreamConnection, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        self.conn = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length: int | None = None
-        self.connection: str | None = None
-        self.body: bytes | None = None
-        self._pieces: deque[bytes] = deque()
-        self._queued = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.error: BaseException | None = None
-
-    def feed(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._queued += len(data)
-        if self._queued > STREAM_HIGH_WATER:
-            self.conn.pause_reading()
-        self._wake()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.complete = True
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
-        """Yield body pieces as they arrive; raise UpstreamError if the body is cut short."""
-        while True:
-            if self._pieces:
-                data = self._pieces.popleft()
-                self._queued -= len(data)
-                if self._queued < STREAM_HIGH_WATER // 2:
-                    self.conn.resume_reading()
-                yield data
-            elif self.complete:
-                if self.error is not None:
-                    raise UpstreamError(f"body cut short: {self.error}")
-                return
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    async with asyncio.timeout(read_timeout):
-                        await self._waiter
-                except TimeoutError:
-                    raise UpstreamError(f"no body data for {read_timeout}s") from None
-                finally:
-                    self._waiter = None
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a backend, parsing responses as bytes arrive.
-
-    A hand-written client instead of aiohttp's: profiling showed the generic client to be
-    most of the proxy's CPU time per request, and the balancer needs only plain HTTP/1.1.
-    """
-
-    def __init__(self, buffer_limit: int) -> None:
-        self.buffer_limit = buffer_limit
-        self.transport: asyncio.Transport | None = None
-        self.idle_since = 0.0
-        self._buf = bytearray()
-        self.exchanges = 0  # requests started on this connection; more than one means it was reused
-        self._done = True  # no request in flight: any byte the backend sends now is unsolicited
-        self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._reset_exchange(head_request=False, waiter=None)
-
-    def _reset_exchange(self, head_request: bool, waiter: asyncio.Future[UpstreamResponse] | None) -> None:
-        """Every piece of per-response parser state, in one place, so no exchange inherits another's.
-
-        The chunked decoder used to keep ``_remaining`` from the previous response on a reused
-        connection (issue 16); any new field of the parser belongs here.
-        """
-        self._head_request = head_request
-        self._head_waiter = waiter
-        self._response: UpstreamResponse | None = None
-        self._framing = ""
-        self._remaining = 0
-        self._keep_alive = False
-        self._received = False  # any byte of this exchange's response seen yet
-
-    # asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self._done:  # no request in flight: never let these bytes become the next client's response
-            log.debug("closing a backend connection that sent %d unsolicited bytes", len(data))
-            self._buf.clear()
-            self.close()
-            return
-        self._received = True
-        self._buf += data
-        try:
-            self._process()
-        except (ValueError, IndexError) as exc:
-            self._fail(UpstreamError(f"malformed response from backend: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self._framing == "close" and self._response is not None and not self._done and exc is None:
-            self._finish_body()  # a clean EOF ends a close-delimited body; a reset does not
-        # A reused connection that the backend closed before any byte of the answer is the
-        # keep-alive race (the backend's idle timeout fired as the request left): stale, not failed.
-        stale = self.exchanges > 1 and not self._received
-        self._fail(UpstreamError(f"connection closed by backend ({exc or 'EOF'})", stale=stale))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(UpstreamError("connection lost while sending"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    # used by the proxy
-
-    @property
-    def usable(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
-
-    @property
-    def idle_clean(self) -> bool:
-        """Open, nothing in flight and nothing buffered: safe to carry a new request."""
-        return self._done and not self._buf and self.usable
-
-    def start(self, head: bytes, head_request: bool) -> None:
-        """Send the request head and get ready to parse the response."""
-        if not self.idle_clean:
-            self.close()
-            raise UpstreamError("backend connection is not clean to reuse", sent=False)
-        self._reset_exchange(head_request, asyncio.get_running_loop().create_future())
-        self._done = False
-        self.exchanges += 1
-        self.transport.write(head)
-
-    async def send_body(self, chunks: AsyncIterator[bytes], chunked: bool) -> None:
-        async for chunk in chunks:
-            if not self.usable:
-                raise UpstreamError("backend closed the connection while the body was sent")
-            if chunk:
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)  # type: ignore[union-attr]
-            if self._write_paused:
-                self._drain_waiter = asyncio.get_running_loop().create_future()
-                await self._drain_waiter
-        if chunked and self.usable:
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-
-    async def response(self, read_timeout: float) -> UpstreamResponse:
-        """Wait for the response head (and a small body); a plain timer is cheaper than asyncio.timeout."""
-        waiter = self._head_waiter
-        assert waiter is not None
-        if waiter.done():
-            return waiter.result()
-        timer = asyncio.get_running_loop().call_later(read_timeout, self._time_out, read_timeout)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
-    def _time_out(self, seconds: float) -> None:
-        self._fail(UpstreamError(f"no response within {seconds}s"))
-        self.close()
-
-    @property
-    def reusable(self) -> bool:
-        return self._done and self._keep_alive and not self._buf and self.usable
-
-    def pause_reading(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.cancel()  # abandoned mid-request: nobody will await the response any more
-        if self.transport is not None:
-            self.transport.close()
-
-    # parsing
-
-    def _process(self) -> None:
-        if self._response is None and not self._parse_head():
-            return
-        if self._done:
-            return
-        if self._framing == "length-buffered":
-            self._take_buffered()
-        elif self._framing == "length":
-            self._take_length()
-        elif self._framing == "chunked":
-            self._take_chunks()
-        elif self._framing == "close" and self._buf:
-            self._stream(bytes(self._buf))
-            self._buf.clear()
-
-    def _parse_head(self) -> bool:
-        """Parse a status line and headers (skipping 1xx); return True once a response has started."""
-        while True:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise ValueError("response head too large")
-                return False
-            lines = bytes(self._buf[:end]).decode("utf-8", "replace").split("\r\n")
-            del self._buf[: end + 4]
-            version, _, rest = lines[0].partition(" ")
-            code, _, reason = rest.partition(" ")
-            if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):
-                raise ValueError(f"bad status line {lines[0][:40]!r}")
-            status = int(code)
-            if status < 100:
-                raise ValueError(f"bad status code {status}")
-            if status < 200:
-                continue  # interim (1xx): the final response follows on the same connection
-            headers = []
-            fields = {}  # the few framing headers, lower-cased, read in the same pass
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip():
-                    raise ValueError(f"bad header line {line[:40]!r}")
-                value = value.strip()
-                headers.append((name, value))
-                lower = name.lower()
-                if lower in FRAMING_HEADERS:
-                    fields[lower] = f"{fields[lower]}, {value}" if lower in fields else value
-            self._begin(UpstreamResponse(self, status, reason, headers), version, fields)
-            return True
-
-    def _begin(self, response: UpstreamResponse, version: str, fields: dict[str, str]) -> None:
-        """Decide how the body is framed and whether to hand over the head now or with the body."""
-        self._response = response
-        response.connection = fields.get("connection")
-        connection = fields.get("connection", "").lower()
-        self._keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        length = fields.get("content-length")
-        if length is not None:
-            if "," in length:  # repeated Content-Length: tolerable only if every value agrees, never kept alive
-                values = {v.strip() for v in length.split(",")}
-                if len(values) != 1:
-                    raise ValueError(f"conflicting Content-Length values {length!r}")
-                length = values.pop()
-                self._keep_alive = False
-            if not (length.isascii() and length.isdigit()):
-                raise ValueError(f"invalid Content-Length {length!r}")
-            response.content_length = int(length)
-        te = fields.get("transfer-encoding")
-        if te is not None:  # it overrides Content-Length; having both smells of smuggling, so do not reuse
-            response.content_length = None
-            if length is not None:
-                self._keep_alive = False
-        if self._head_request or response.status in (204, 304):
-            self._framing = "none"
-        elif te is not None:
-            if te.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                self._framing = "chunked"
-            else:  # a final coding other than chunked: the body runs until the backend closes
-                self._framing = "close"
-                self._keep_alive = False
-        elif length is not None:
-            self._framing = "length"
-            self._remaining = response.content_length
-        else:
-            self._framing = "close"
-            self._keep_alive = False
-        if self._framing == "none":
-            response.body = b""
-            self._finish_body()
-        elif self._framing == "length" and self._remaining <= self.buffer_limit:
-            self._framing = "length-buffered"
-            self._take_buffered()
-        else:
-            self._deliver_head()
-
-    def _take_buffered(self) -> None:
-        if len(self._buf) >= self._remaining:
-            assert self._response is not None
-            self._response.body = bytes(self._buf[: self._remaining])
-            del self._buf[: self._remaining]
-            self._finish_body()
-
-    def _take_length(self) -> None:
-        if self._buf:
-            piece = bytes(self._buf[: self._remaining])
-            del self._buf[: len(piece)]
-            self._remaining -= len(piece)
-            self._stream(piece)
-        if self._remaining == 0:
-            self._finish_body()
-
-    def _take_chunks(self) -> None:
-        """Decode ``Transfer-Encoding: chunked`` as far as the buffer allows."""
-        while not self._done:
-            if self._remaining > 0:
-                if not self._buf:
-                    return
-                piece = bytes(self._buf[: self._remaining])
-                del self._buf[: len(piece)]
-                self._remaining -= len(piece)
-                self._stream(piece)
-                if self._remaining:
-                    return
-                self._remaining = -2  # expect the CRLF after the data
-            line_end = self._buf.find(b"\r\n")
-            if line_end < 0:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise ValueError("chunk-size or trailer line too long")
-                return
-            line = bytes(self._buf[:line_end])
-            del self._buf[: line_end + 2]
-            if self._remaining == -2:
-                self._remaining = 0
-                if line:
-                    raise ValueError("missing CRLF after chunk data")
-            elif self._remaining == -1:  # trailer section: ends with an empty line
-                if not line:
-                    self._finish_body()
-            else:
-                size = chunk_size(line)
-                self._remaining = size if size else -1
-
-    def _stream(self, piece: bytes) -> None:
-        if piece and self._response is not None:
-            self._response.feed(piece)
-
-    def _deliver_head(self) -> None:
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_result(self._response)  # type: ignore[arg-type]
-
-    def _finish_body(self) -> None:
-        self._done = True
-        self._deliver_head()
-        if self._response is not None:
-            self._response.finish()
-
-    def _fail(self, error: UpstreamError) -> None:
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_exception(error)
-        elif self._response is not None and not self._done:
-            self._response.finish(error)
-
-
-HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
-
-
-def chunk_size(line: bytes) -> int:
-    """The size of a chunk-size line (extensions ignored); strict, unlike ``int(x, 16)``,
-    which would take ``0x1f``, ``+1f``, ``-1`` or ``1_f``."""
-    digits = line.split(b";", 1)[0].rstrip(b" \t")
-    if not digits or len(digits) > 16 or not HEX_DIGITS.issuperset(digits):
-        raise ValueError(f"bad chunk size line {line[:40]!r}")
-    return int(digits, 16)
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per backend, reused most-recent first."""
-
-    def __init__(
-        self, connect_timeout: float, buffer_limit: int, max_idle: int = 256, idle_seconds: float = 30.0
-    ) -> None:
-        self.connect_timeout = connect_timeout
-        self.buffer_limit = buffer_limit
-        self.max_idle = max_idle
-        self.idle_seconds = idle_seconds
-        self._idle: dict[str, list[UpstreamConnection]] = {}
-
-    async def acquire(self, backend: Backend, fresh: bool = False) -> UpstreamConnection:
-        """An idle connection to ``backend`` (unless ``fresh``) or a new one; a failed connect raises ``sent=False``."""
-        idle = self._idle.get(backend.url)
-        loop = asyncio.get_running_loop()
-        while idle and not fresh:
-            conn = idle.pop()
-            if conn.idle_clean and loop.time() - conn.idle_since < self.idle_seconds:
-                return conn
-            conn.close()
-        tls = ssl.create_default_context() if backend.tls else None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self.buffer_limit), backend.host, backend.port, ssl=tls
-                )
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(
-                f"cannot connect to {backend.netloc}: {exc or type(exc).__name__}", sent=False
-            ) from None
-        return conn
-
-    def release(self, backend: Backend, conn: UpstreamConnection) -> None:
-        idle = self._idle.setdefault(backend.url, [])
-        if conn.reusable and len(idle) < self.max_idle:
-            conn.idle_since = asyncio.get_running_loop().time()
-            idle.append(conn)
-        else:
-            conn.close()
-
-    def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
 
 
 # --------------------------------------------------------------------------- the balancer
@@ -1764,84 +1112,9 @@ def build_app(
 
 # --------------------------------------------------------------------------- dashboard
 
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Load balancer</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px system-ui,sans-serif;margin:2rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
-th{background:#f3f3f3}td:first-child{text-align:left}.up{color:#080}.down{color:#b00;font-weight:bold}
-#error{color:#b00}
-</style></head><body>
-<h1>Load balancer</h1>
-<p>Strategy: <select id="strategy"></select> <span id="strategy-status"></span>
-<label>admin token (if LB_ADMIN_TOKEN is set): <input id="token" type="password" autocomplete="off"></label></p>
-<p>Total requests: <b id="total">-</b> &middot; healthy backends: <b id="healthy">-</b></p>
-<table><thead><tr><th>backend</th><th>state</th><th>weight</th><th>active</th><th>requests</th>
-<th>failures</th><th>avg ms</th></tr></thead><tbody id="backends"></tbody></table>
-<p>Cache: hits <b id="cache-hits">-</b>, misses <b id="cache-misses">-</b>, entries <b id="cache-entries">-</b></p>
-<p id="error"></p>
-<script src="/lb/dashboard.js"></script>
-</body></html>
-"""
-
-DASHBOARD_JS = """'use strict';
-const $ = (id) => document.getElementById(id);
-function cell(row, text, cls) {
-  const td = document.createElement('td');
-  td.textContent = String(text);
-  if (cls) td.className = cls;
-  row.appendChild(td);
-}
-function render(stats) {
-  $('total').textContent = String(stats.total_requests);
-  $('healthy').textContent = String(stats.backends.filter((b) => b.healthy).length);
-  $('cache-hits').textContent = String(stats.cache.hits);
-  $('cache-misses').textContent = String(stats.cache.misses);
-  $('cache-entries').textContent = String(stats.cache.entries);
-  const select = $('strategy');
-  if (select.options.length !== stats.strategies.length) {
-    select.replaceChildren(...stats.strategies.map((name) => new Option(name, name)));
-  }
-  if (document.activeElement !== select) select.value = stats.strategy;
-  const body = $('backends');
-  body.replaceChildren(...stats.backends.map((b) => {
-    const row = document.createElement('tr');
-    cell(row, b.url);
-    cell(row, b.healthy ? 'up' : 'down', b.healthy ? 'up' : 'down');
-    cell(row, b.weight);
-    cell(row, b.active_connections);
-    cell(row, b.total_requests);
-    cell(row, b.failures);
-    cell(row, b.avg_response_ms.toFixed(1));
-    return row;
-  }));
-}
-async function poll() {
-  try {
-    const resp = await fetch('/stats', {cache: 'no-store'});
-    render(await resp.json());
-    $('error').textContent = '';
-  } catch (err) {
-    $('error').textContent = 'cannot reach /stats: ' + err;
-  }
-}
-$('token').value = sessionStorage.getItem('lbAdminToken') || '';
-$('token').addEventListener('change', () => sessionStorage.setItem('lbAdminToken', $('token').value));
-$('strategy').addEventListener('change', async (event) => {
-  const headers = {'Content-Type': 'application/json'};
-  if ($('token').value) headers.Authorization = 'Bearer ' + $('token').value;
-  const resp = await fetch('/change_strategy', {
-    method: 'POST', headers,
-    body: JSON.stringify({strategy: event.target.value}),
-  });
-  const data = await resp.json();
-  $('strategy-status').textContent = resp.ok ? 'switched' : data.message;
-  poll();
-});
-poll();
-setInterval(poll, 1000);
-"""
+HERE = Path(__file__).resolve().parent
+DASHBOARD_HTML = (HERE / "templates" / "lb_dashboard.html").read_text(encoding="utf-8")
+DASHBOARD_JS = (HERE / "static" / "lb_dashboard.js").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- entry point

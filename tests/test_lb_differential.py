@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from services import free_port
 
-from load_balancer import BackendSpec, CacheConfig, GuardedRunner, HealthCheckConfig, LBConfig, build_app
+from lb_config import BackendSpec, CacheConfig, HealthCheckConfig, LBConfig
+from load_balancer import GuardedRunner, build_app
 
 BUFFER_BYTES = 64  # small, so both the buffered and the streamed body paths are exercised
 NOT_COMPARED = frozenset(

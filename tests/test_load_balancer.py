@@ -35,23 +35,25 @@ from services import free_port
 from test_geo_router import DATACENTERS, LONDON, MILTON, SHARED_GEOIP, SINGAPORE, build_city_db
 from test_mock_backends import mock_backends, stop, wait_ready
 
-from load_balancer import (
-    BALANCER,
-    Backend,
+from lb_config import (
     BackendSpec,
-    Balancer,
     CacheConfig,
     ConfigError,
     EjectionConfig,
-    GuardedRunner,
     HealthCheckConfig,
     LBConfig,
+    load_config,
+)
+from load_balancer import (
+    BALANCER,
+    Backend,
+    Balancer,
+    GuardedRunner,
     ResponseCache,
     SmoothWeighted,
     StrategyEnv,
     build_app,
     hrw_score,
-    load_config,
     parse_args,
 )
 
@@ -886,7 +888,7 @@ async def test_backend_that_never_answers_times_out_into_502() -> None:
 
 
 def test_config_datacenters_bring_their_own_backends() -> None:
-    from load_balancer import apply_mapping
+    from lb_config import apply_mapping
 
     config = LBConfig()
     apply_mapping(
@@ -1147,7 +1149,7 @@ async def test_client_abort_mid_upload_closes_the_backend_connection(caplog: pyt
                 while backend.open:
                     await asyncio.sleep(0.01)
             assert all(b.active == 0 for b in h.lb.pool.backends)
-    mine = [r for r in caplog.records if r.name == "load_balancer"]
+    mine = [r for r in caplog.records if r.name in ("load_balancer", "lb_upstream")]
     assert not [r for r in mine if r.levelno >= logging.WARNING or "unhandled" in r.getMessage()]
 
 
