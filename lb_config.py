@@ -83,6 +83,9 @@ class LBConfig:
     max_connections: int = 1000  # client connections open at once (HAProxy's maxconn)
     request_head_timeout: float = 10.0  # whole request head, from its first byte (HAProxy's timeout http-request)
     keepalive_timeout: float = 30.0  # idle keep-alive client connection, until the next request's first byte
+    forward_auth_url: str = ""  # gateway mode: ask this decision endpoint before proxying (LB_FORWARD_AUTH_URL)
+    forward_auth_timeout: float = 1.0
+    forward_auth_fail: str = "closed"  # decision service unreachable: "closed" (503) or "open" (proxy anyway)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -104,6 +107,12 @@ class LBConfig:
             raise ConfigError(f"max_connections (LB_MAX_CONNECTIONS) must be >= 1, got {self.max_connections}")
         if self.request_head_timeout <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError("request_head_timeout and keepalive_timeout must be > 0 seconds")
+        if self.forward_auth_url and not self.forward_auth_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--forward-auth must be an http:// or https:// URL, got {self.forward_auth_url!r}")
+        if self.forward_auth_timeout <= 0:
+            raise ConfigError(f"--forward-auth-timeout must be > 0 seconds, got {self.forward_auth_timeout}")
+        if self.forward_auth_fail not in ("closed", "open"):
+            raise ConfigError(f"--forward-auth-fail must be closed or open, got {self.forward_auth_fail!r}")
         if self.trusted_proxies < 0:
             raise ConfigError(f"trusted_proxies (TRUSTED_PROXIES) must be >= 0, got {self.trusted_proxies}")
         names = {dc.name for dc in self.datacenters}
@@ -179,7 +188,7 @@ def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
     for section in ("health_check", "ejection", "cache"):
         if section in data:
             _fill(getattr(config, section), data.pop(section), f"{section}.")
-    for key in ("strategy", "host", "default_datacenter", "geoip_db_path", "admin_token"):
+    for key in ("strategy", "host", "default_datacenter", "geoip_db_path", "admin_token", "forward_auth_url"):
         if key in data:
             setattr(config, key, data.pop(key))
     _fill(config, data, "")
@@ -210,6 +219,9 @@ def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
         ("LB_MAX_CONNECTIONS", "max_connections"),
         ("LB_REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
         ("LB_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
+        ("LB_FORWARD_AUTH_URL", "forward_auth_url"),
+        ("LB_FORWARD_AUTH_TIMEOUT", "forward_auth_timeout"),
+        ("LB_FORWARD_AUTH_FAIL", "forward_auth_fail"),
     ):
         if env.get(var):
             data[key] = env[var]
@@ -235,6 +247,9 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> LBConfig:
     flags: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.strategy:
         flags["strategy"] = args.strategy
+    for flag in ("forward_auth_url", "forward_auth_timeout", "forward_auth_fail"):
+        if getattr(args, flag, None) is not None:
+            flags[flag] = getattr(args, flag)
     if args.backends:
         flags.update(env_mapping({"LB_BACKENDS": args.backends, "LB_WEIGHTS": args.weights or ""}))
     apply_mapping(config, flags)

@@ -47,6 +47,7 @@ from lb_config import (  # the configuration names stay importable from here, as
     LBConfig,
     load_config,
 )
+from lb_gateway import ADMISSION, ForwardAuth
 from lb_upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -562,6 +563,11 @@ class Balancer:
         self.session: ClientSession | None = None
         self.upstream = UpstreamPool(config.connect_timeout, config.buffer_bytes)
         self.guard = ConnectionGuard(config.max_connections, config.request_head_timeout, config.keepalive_timeout)
+        self.forward_auth: ForwardAuth | None = None
+        if config.forward_auth_url:
+            self.forward_auth = ForwardAuth(
+                config.forward_auth_url, config.forward_auth_timeout, config.forward_auth_fail == "open"
+            )
         self.total_requests = 0
         self.started_at = time.time()
 
@@ -588,6 +594,11 @@ class Balancer:
             "cache": self.cache.stats(),
             "healthy_backends": len(self.pool.candidates()),
             "connections": self.guard.stats(),
+            "forward_auth": (
+                self.forward_auth.stats()
+                if self.forward_auth is not None
+                else {"url": None, "admitted": 0, "refused": 0, "errors": 0}
+            ),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
         if self.geo is not None:
@@ -614,7 +625,14 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     peer = request.remote or "unknown"
     lines = [f"{request.method} {backend.prefix}{origin_target(request)} HTTP/1.1", f"Host: {backend.netloc}"]
-    lines += [f"{k}: {v}" for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))]
+    lines += [
+        f"{k}: {v}"
+        for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))
+        if not k.lower().startswith("x-auth-")  # identity headers come from the gateway decision only
+    ]
+    admission = request.get(ADMISSION)
+    if admission is not None:
+        lines += [f"{k}: {v}" for k, v in admission.identity]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     lines.append(f"X-Forwarded-Proto: {request.scheme}")
     if "Host" in request.headers:  # never request.host: for an absolute-form target that is the URL's authority
@@ -666,12 +684,18 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     lb = request.app[BALANCER]
     lb.total_requests += 1
     check_framing(request)
+    if lb.forward_auth is not None:
+        assert lb.session is not None
+        outcome = await lb.forward_auth.decide(lb.session, request, lb.client_ip(request), origin_target(request))
+        if isinstance(outcome, web.Response):
+            return outcome  # refused (as the decision endpoint said) or the decision service is unreachable
+        request[ADMISSION] = outcome
     cache_mode = lb.cache.request_mode(request) if lb.config.cache.enabled else "bypass"
     cache_key = lb.cache.key(request) if cache_mode != "bypass" else None
     if cache_mode == "use" and cache_key is not None:
         entry = lb.cache.get(cache_key)
         if entry is not None:
-            return cached_response(entry, lb.clock())
+            return with_rate_headers(request, cached_response(entry, lb.clock()))
     body = RequestBody(request)
     client_ip = lb.client_ip(request) if lb.strategy.needs_client_ip else ""
     tried: list[Backend] = []
@@ -729,6 +753,7 @@ async def forward(
         else:
             lb.pool.record_success(backend)
         headers = response_headers(upstream, backend)
+        add_rate_headers(request, headers)
         if upstream.body is None or request.method == "HEAD":
             conn = None  # stream() releases or closes it
             return await stream(request, lb, backend, upstream, headers)
@@ -800,6 +825,21 @@ def abort(request: web.Request, conn: UpstreamConnection) -> None:
     conn.close()
     if request.transport is not None:
         request.transport.close()
+
+
+def add_rate_headers(request: web.Request, headers: CIMultiDict[str]) -> None:
+    """In gateway mode, the decision's rate-limit headers replace any the backend sent."""
+    admission = request.get(ADMISSION)
+    if admission is None or not admission.rate:
+        return
+    for name, _ in admission.rate:
+        headers.popall(name, None)
+    headers.extend(admission.rate)
+
+
+def with_rate_headers(request: web.Request, response: web.Response) -> web.Response:
+    add_rate_headers(request, response.headers)  # type: ignore[arg-type]
+    return response
 
 
 def cached_response(entry: CachedResponse, now: float) -> web.Response:
@@ -1151,6 +1191,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", help="comma list of backend URLs (also LB_BACKENDS)")
     parser.add_argument("--weights", help="comma list of weights matching --backends (also LB_WEIGHTS)")
     parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (also LB_STRATEGY)")
+    parser.add_argument(
+        "--forward-auth",
+        dest="forward_auth_url",
+        metavar="URL",
+        help="gateway mode: ask this decision endpoint (e.g. http://127.0.0.1:5000/forward_auth) before "
+        "proxying each request (also LB_FORWARD_AUTH_URL)",
+    )
+    parser.add_argument(
+        "--forward-auth-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="decision time limit [1] (LB_FORWARD_AUTH_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--forward-auth-fail",
+        choices=("closed", "open"),
+        help="decision service unreachable: closed answers 503, open proxies anyway [closed] (LB_FORWARD_AUTH_FAIL)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LB_LOG_LEVEL", "INFO"), help="logging level [INFO]")
     return parser.parse_args(argv)
 

@@ -12,6 +12,11 @@ function render(stats) {
   $('cache-hits').textContent = String(stats.cache.hits);
   $('cache-misses').textContent = String(stats.cache.misses);
   $('cache-entries').textContent = String(stats.cache.entries);
+  const fa = stats.forward_auth;
+  $('fa-url').textContent = fa.url ? fa.url + ' (fail ' + fa.fail + ')' : 'off';
+  $('fa-admitted').textContent = String(fa.admitted);
+  $('fa-refused').textContent = String(fa.refused);
+  $('fa-errors').textContent = String(fa.errors);
   const select = $('strategy');
   if (select.options.length !== stats.strategies.length) {
     select.replaceChildren(...stats.strategies.map((name) => new Option(name, name)));
