@@ -33,9 +33,6 @@ class Admission:
     rate: list[tuple[str, str]]
 
 
-ADMISSION = web.RequestKey("admission", Admission)
-
-
 class ForwardAuth:
     """One decision per client request, over the balancer's keep-alive ``ClientSession``."""
 

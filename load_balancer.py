@@ -47,7 +47,7 @@ from lb_config import (  # the configuration names stay importable from here, as
     LBConfig,
     load_config,
 )
-from lb_gateway import ADMISSION, ForwardAuth
+from lb_gateway import Admission, ForwardAuth
 from lb_upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,8 @@ def cache_directives(value: str | None) -> dict[str, str]:
 def combined(headers: CIMultiDict[str] | Any, name: str) -> str:
     """Every line of a list-valued header joined with commas, as HTTP defines repeated fields
     (RFC 9110 5.3): a second ``Cache-Control: private`` line must count as much as the first."""
-    return ", ".join(headers.getall(name, ()))
+    values: list[str] = headers.getall(name, [])
+    return values[0] if len(values) == 1 else ", ".join(values)
 
 
 def freshness_seconds(headers: CIMultiDict[str]) -> float | None:
@@ -518,9 +519,10 @@ class UpstreamFailure(Exception):
 class RequestBody:
     """Streams the client's body upstream once, remembering whether any of it was read."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, admission: Admission | None = None) -> None:
         self.request = request
         self.started = False
+        self.admission = admission  # gateway mode: the decision that admitted this request
 
     @property
     def present(self) -> bool:
@@ -616,7 +618,9 @@ def check_framing(request: web.Request) -> None:
         raise BadRequest("conflicting Content-Length / Transfer-Encoding headers")
 
 
-def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes:
+def request_head(
+    request: web.Request, backend: Backend, chunked: bool, identity: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """The upstream request line and headers: hop-by-hop and framing ones dropped, X-Forwarded-* added.
 
     The body framing is always written here (Content-Length of what will be sent, or chunked), never
@@ -630,9 +634,7 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
         for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))
         if not k.lower().startswith("x-auth-")  # identity headers come from the gateway decision only
     ]
-    admission = request.get(ADMISSION)
-    if admission is not None:
-        lines += [f"{k}: {v}" for k, v in admission.identity]
+    lines += [f"{k}: {v}" for k, v in identity]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     lines.append(f"X-Forwarded-Proto: {request.scheme}")
     if "Host" in request.headers:  # never request.host: for an absolute-form target that is the URL's authority
@@ -684,19 +686,22 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     lb = request.app[BALANCER]
     lb.total_requests += 1
     check_framing(request)
+    admission: Admission | None = None
     if lb.forward_auth is not None:
         assert lb.session is not None
         outcome = await lb.forward_auth.decide(lb.session, request, lb.client_ip(request), origin_target(request))
         if isinstance(outcome, web.Response):
             return outcome  # refused (as the decision endpoint said) or the decision service is unreachable
-        request[ADMISSION] = outcome
+        admission = outcome
     cache_mode = lb.cache.request_mode(request) if lb.config.cache.enabled else "bypass"
     cache_key = lb.cache.key(request) if cache_mode != "bypass" else None
     if cache_mode == "use" and cache_key is not None:
         entry = lb.cache.get(cache_key)
         if entry is not None:
-            return with_rate_headers(request, cached_response(entry, lb.clock()))
-    body = RequestBody(request)
+            response = cached_response(entry, lb.clock())
+            add_rate_headers(admission, response.headers)  # type: ignore[arg-type]
+            return response
+    body = RequestBody(request, admission)
     client_ip = lb.client_ip(request) if lb.strategy.needs_client_ip else ""
     tried: list[Backend] = []
     last_error: UpstreamFailure | None = None
@@ -753,7 +758,7 @@ async def forward(
         else:
             lb.pool.record_success(backend)
         headers = response_headers(upstream, backend)
-        add_rate_headers(request, headers)
+        add_rate_headers(body.admission, headers)
         if upstream.body is None or request.method == "HEAD":
             conn = None  # stream() releases or closes it
             return await stream(request, lb, backend, upstream, headers)
@@ -777,7 +782,8 @@ async def exchange(
     """Send the request on a pooled (or ``fresh``) connection and wait for the response head."""
     conn = await lb.upstream.acquire(backend, fresh)
     try:
-        conn.start(request_head(request, backend, body.chunked), request.method == "HEAD")
+        identity = body.admission.identity if body.admission is not None else ()
+        conn.start(request_head(request, backend, body.chunked, identity), request.method == "HEAD")
         if body.present:
             await conn.send_body(body.chunks(), body.chunked)
         return conn, await conn.response(lb.config.read_timeout)
@@ -827,19 +833,13 @@ def abort(request: web.Request, conn: UpstreamConnection) -> None:
         request.transport.close()
 
 
-def add_rate_headers(request: web.Request, headers: CIMultiDict[str]) -> None:
+def add_rate_headers(admission: Admission | None, headers: CIMultiDict[str]) -> None:
     """In gateway mode, the decision's rate-limit headers replace any the backend sent."""
-    admission = request.get(ADMISSION)
     if admission is None or not admission.rate:
         return
     for name, _ in admission.rate:
         headers.popall(name, None)
     headers.extend(admission.rate)
-
-
-def with_rate_headers(request: web.Request, response: web.Response) -> web.Response:
-    add_rate_headers(request, response.headers)  # type: ignore[arg-type]
-    return response
 
 
 def cached_response(entry: CachedResponse, now: float) -> web.Response:
@@ -978,7 +978,15 @@ STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    """Turn domain and HTTP errors into JSON; log a true bug once and answer 500."""
+    """Turn domain and HTTP errors into JSON; log a true bug once and answer 500.
+
+    It also tells the connection's guard when a request head is complete and when the request is
+    over (one middleware rather than two: each one is a coroutine frame on every request).
+    """
+    protocol = request.protocol
+    guarded = protocol if isinstance(protocol, GuardedHandler) else None
+    if guarded is not None:
+        guarded.request_started()
     try:
         return await handler(request)
     except LBError as exc:
@@ -993,6 +1001,9 @@ async def error_middleware(request: web.Request, handler: Callable[..., Any]) ->
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "the load balancer hit an unexpected error")
+    finally:
+        if guarded is not None:
+            guarded.request_finished()
 
 
 # --------------------------------------------------------------------------- client connection limits
@@ -1006,34 +1017,58 @@ class ConnectionGuard:
     new connection takes the place of the oldest one still waiting for a request head (a
     slowloris client holds exactly such connections), so trickling clients cannot lock out a
     normal one; only when every connection is busy with a request is the new one closed.
+    Deadlines are checked by one sweep a few times per timeout (at most every second) rather
+    than a timer per request, which would cost every proxied request a timer to set and cancel.
     """
 
     def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float) -> None:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.sweep_seconds = max(0.05, min(1.0, head_timeout / 4, keepalive_timeout / 4))
         self.open: dict[GuardedHandler, None] = {}  # insertion order: oldest first
         self.refused = 0
         self.evicted = 0
         self.head_timeouts = 0
         self.idle_timeouts = 0
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def opened(self, handler: GuardedHandler) -> None:
         if len(self.open) >= self.max_connections:
-            victim = next((h for h in self.open if h.state != "busy"), None)
+            victim = next((h for h in self.open if h.state != BUSY), None)
             if victim is None:
                 self.refused += 1
                 handler.force_close()
                 return
             self.evicted += 1
-            self.closed(victim)
+            self.open.pop(victim, None)
             victim.force_close()
         self.open[handler] = None
-        handler.arm(self.head_timeout)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.sweep_seconds, self._sweep)
 
     def closed(self, handler: GuardedHandler) -> None:
         self.open.pop(handler, None)
-        handler.disarm()
+
+    def _sweep(self) -> None:
+        """Close connections past their deadline; runs while any connection is open."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for handler in [h for h in self.open if h.state != BUSY and now >= h.deadline]:
+            transport = handler.transport
+            if handler.state == IDLE and transport is not None and transport.get_write_buffer_size():
+                handler.deadline = now + self.keepalive_timeout  # the last response is still being written
+                continue
+            if handler.state == HEAD:
+                self.head_timeouts += 1
+                log.info("closing a client connection whose request head did not arrive in time")
+            else:
+                self.idle_timeouts += 1
+            self.open.pop(handler, None)
+            handler.force_close()
+        if self.open:
+            self._sweeper = loop.call_later(self.sweep_seconds, self._sweep)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -1046,18 +1081,22 @@ class ConnectionGuard:
         }
 
 
+HEAD, BUSY, IDLE = "head", "busy", "idle"
+
+
 class GuardedHandler(RequestHandler):
-    """aiohttp's connection handler with the guard's timers: ``head`` (a request head is
-    arriving), ``busy`` (a request is being served), ``idle`` (keep-alive, between requests)."""
+    """aiohttp's connection handler with a state and a deadline for the guard: ``head`` (a
+    request head is arriving), ``busy`` (a request is being served), ``idle`` (keep-alive)."""
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.guard = guard
-        self.state = "head"
-        self._timer: asyncio.TimerHandle | None = None
+        self.state = HEAD
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.deadline = self._loop.time() + self.guard.head_timeout
         self.guard.opened(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -1065,44 +1104,18 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == "idle":  # first byte of the next request: its head has head_timeout to finish
-            self.state = "head"
-            self.arm(self.guard.head_timeout)
+        if self.state is IDLE:  # first byte of the next request: its head has head_timeout to finish
+            self.state = HEAD
+            self.deadline = self._loop.time() + self.guard.head_timeout
         super().data_received(data)
 
     def request_started(self) -> None:
-        self.state = "busy"
-        self.disarm()
+        self.state = BUSY
 
     def request_finished(self) -> None:
-        if self.state == "busy":
-            self.state = "idle"
-            self.arm(self.guard.keepalive_timeout)
-
-    def arm(self, seconds: float) -> None:
-        self.disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self) -> None:
-        self._timer = None
-        if self.state == "busy" or self not in self.guard.open:
-            return
-        transport = self.transport
-        if self.state == "idle" and transport is not None and transport.get_write_buffer_size():
-            self.arm(self.guard.keepalive_timeout)  # the last response is still being written
-            return
-        if self.state == "head":
-            self.guard.head_timeouts += 1
-            log.info("closing a client connection whose request head did not arrive in time")
-        else:
-            self.guard.idle_timeouts += 1
-        self.guard.closed(self)
-        self.force_close()
+        if self.state is BUSY:
+            self.state = IDLE
+            self.deadline = self._loop.time() + self.guard.keepalive_timeout
 
 
 class GuardedServer(web.Server):
@@ -1123,24 +1136,11 @@ class GuardedRunner(web.AppRunner):
         return GuardedServer(await super()._make_server(), self.app[BALANCER].guard)
 
 
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    """Tell the connection's guard a request head is complete, and when the request is over."""
-    protocol = request.protocol
-    if isinstance(protocol, GuardedHandler):
-        protocol.request_started()
-    try:
-        return await handler(request)
-    finally:
-        if isinstance(protocol, GuardedHandler):
-            protocol.request_finished()
-
-
 def build_app(
     config: LBConfig, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
 ) -> web.Application:
     """Application factory: admin routes first, then the proxy catch-all (serve it with ``GuardedRunner``)."""
-    app = web.Application(middlewares=[guard_middleware, error_middleware])
+    app = web.Application(middlewares=[error_middleware])
     app[BALANCER] = Balancer(config.validate(), clock, rng)
     app.add_routes(routes)
     for path in ("/stats", "/change_strategy", "/dashboard", "/lb/health", "/lb/dashboard.js"):
