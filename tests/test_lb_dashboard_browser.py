@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from playwright.sync_api import expect
 from services import free_port
 from test_mock_backends import mock_backends, stop, wait_ready
 
@@ -41,18 +42,17 @@ def test_dashboard_shows_gateway_counts_and_switches_strategy_with_the_token(bal
     url, decider = balancer
     assert requests.get(url + "/orders", timeout=5).status_code == 503  # one decision error
     page.goto(url + "/dashboard")
-    page.wait_for_function("document.getElementById('fa-errors').textContent === '1'", timeout=5000)
+    expect(page.locator("#fa-errors")).to_have_text("1", timeout=5000)  # locators: the page's CSP forbids eval
     assert decider in page.text_content("#fa-url") and "closed" in page.text_content("#fa-url")
     assert page.text_content("#fa-admitted") == "0" and page.text_content("#fa-refused") == "0"
 
     page.select_option("#strategy", "least_connections")  # no token yet: refused
-    page.wait_for_function("document.getElementById('strategy-status').textContent !== ''", timeout=5000)
-    assert "LB_ADMIN_TOKEN" in page.text_content("#strategy-status")
+    expect(page.locator("#strategy-status")).to_contain_text("LB_ADMIN_TOKEN", timeout=5000)
     assert requests.get(url + "/stats", timeout=5).json()["strategy"] == "round_robin"
 
     page.fill("#token", TOKEN)
     page.dispatch_event("#token", "change")
     page.select_option("#strategy", "adaptive")
-    page.wait_for_function("document.getElementById('strategy-status').textContent === 'switched'", timeout=5000)
+    expect(page.locator("#strategy-status")).to_have_text("switched", timeout=5000)
     assert requests.get(url + "/stats", timeout=5).json()["strategy"] == "adaptive"
     assert not page.page_errors
