@@ -4,42 +4,55 @@
 routes (``/stats``, ``/dashboard``, ``/change_strategy``, ``/lb/...``) win over the proxy
 catch-all. Every error it produces itself is ``{"error": code, "message": text}``.
 Proxied requests travel over the balancer's own keep-alive HTTP/1.1 connection pool
-(``UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
-Run it with ``python load_balancer.py`` (see ``--help``); configuration comes from a JSON file,
-the environment (``LB_*``) and flags, in increasing precedence.
+(``lb_upstream.UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
+Run it with ``python load_balancer.py`` (see ``--help``); configuration (``lb_config``) comes
+from a JSON file, the environment (``LB_*``) and flags, in increasing precedence. The dashboard
+page and script are ``templates/lb_dashboard.html`` and ``static/lb_dashboard.js``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import errno
 import hashlib
-import json
+import hmac
+import ipaddress
 import logging
 import math
 import os
 import random
 import socket
-import ssl
 import sys
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 import log_redaction
-from geo_router import Datacenter, GeoRouter
+from geo_router import GeoRouter
+from lb_config import (  # the configuration names stay importable from here, as before the split
+    STRATEGY_NAMES,
+    BackendSpec,
+    CacheConfig,
+    ConfigError,
+    EjectionConfig,
+    HealthCheckConfig,  # noqa: F401 - re-exported for callers of the pre-split module
+    LBConfig,
+    load_config,
+)
+from lb_gateway import Admission, ForwardAuth
+from lb_upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKENDS = ("http://127.0.0.1:5001", "http://127.0.0.1:5002", "http://127.0.0.1:5003")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     {
@@ -59,9 +72,6 @@ STREAM_CHUNK = 64 * 1024
 # Requests carrying credentials are never answered from (or stored in) the shared cache; an API
 # key counts as a credential even though HTTP caches do not know the header.
 PRIVATE_REQUEST_HEADERS = ("Authorization", "Cookie", "X-API-Key")
-STREAM_HIGH_WATER = 1024 * 1024  # pause reading a backend when this much body waits for a slow client
-MAX_HEAD_BYTES = 64 * 1024
-FRAMING_HEADERS = frozenset({"connection", "content-length", "transfer-encoding"})
 BODY_FRAMING = frozenset({"content-length", "transfer-encoding"})  # never removable via Connection tokens
 
 
@@ -92,6 +102,24 @@ class ClientGone(LBError):
     status, code = 499, "client_closed_request"
 
 
+class Unauthorized(LBError):
+    """An admin route needs ``Authorization: Bearer <LB_ADMIN_TOKEN>``."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(LBError):
+    """Without LB_ADMIN_TOKEN, admin routes answer loopback clients only."""
+
+    status, code = 403, "forbidden"
+
+
+class UnsupportedMediaType(LBError):
+    """JSON only, so no cross-site HTML form can post an admin change."""
+
+    status, code = 415, "unsupported_media_type"
+
+
 class NoHealthyBackends(LBError):
     """Every backend is down or ejected."""
 
@@ -104,217 +132,8 @@ class BadGateway(LBError):
     status, code = 502, "bad_gateway"
 
 
-class ConfigError(ValueError):
-    """The configuration (file, environment or flags) cannot be run."""
-
-
 def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": code, "message": message, **extra}, status=status)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class BackendSpec:
-    """One upstream as configured."""
-
-    url: str
-    weight: int = 1
-    datacenter: str | None = None
-
-
-@dataclass
-class HealthCheckConfig:
-    """Active health checks: GET ``path`` every ``interval`` seconds."""
-
-    enabled: bool = True
-    path: str = "/health"
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 2
-
-
-@dataclass
-class EjectionConfig:
-    """Passive ejection: ``max_failures`` consecutive transport failures eject a backend."""
-
-    max_failures: int = 3
-    base_seconds: float = 5.0
-    max_seconds: float = 300.0
-
-
-@dataclass
-class CacheConfig:
-    """Bounds of the shared GET response cache."""
-
-    enabled: bool = True
-    max_entries: int = 1024
-    max_bytes: int = 64 * 1024 * 1024
-    max_entry_bytes: int = 1024 * 1024
-
-
-@dataclass
-class LBConfig:
-    """Everything the balancer needs; built by ``load_config`` or directly in tests."""
-
-    backends: list[BackendSpec] = field(default_factory=lambda: [BackendSpec(u) for u in DEFAULT_BACKENDS])
-    strategy: str = "round_robin"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    retries: int = 2
-    connect_timeout: float = 2.0
-    read_timeout: float = 30.0
-    buffer_bytes: int = 1024 * 1024
-    shutdown_timeout: float = 30.0
-    trusted_proxies: int = 0
-    adaptive_decay_seconds: float = 10.0
-    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
-    ejection: EjectionConfig = field(default_factory=EjectionConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    datacenters: list[Datacenter] = field(default_factory=list)
-    default_datacenter: str | None = None
-    geoip_db_path: str | None = None
-
-    def validate(self) -> LBConfig:
-        if not self.backends:
-            raise ConfigError("at least one backend is required")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        for spec in self.backends:
-            if not spec.url.startswith(("http://", "https://")):
-                raise ConfigError(f"backend URL must start with http:// or https://, got {spec.url!r}")
-            if spec.weight < 1:
-                raise ConfigError(f"backend weight must be >= 1, got {spec.weight} for {spec.url}")
-        names = {dc.name for dc in self.datacenters}
-        if self.default_datacenter and self.default_datacenter not in names:
-            raise ConfigError(f"default_datacenter {self.default_datacenter!r} is not a configured datacenter")
-        return self
-
-
-def _coerce(value: Any, like: Any, where: str) -> Any:
-    """Coerce a JSON/env value to the type of the dataclass default ``like``."""
-    try:
-        if isinstance(like, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    return value
-
-
-def _fill(obj: Any, values: Mapping[str, Any], where: str) -> None:
-    """Set scalar dataclass fields of ``obj`` from ``values``, rejecting unknown keys."""
-    known = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"unknown configuration key {where}{key!r}")
-        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}{key}"))
-
-
-def parse_backend(item: Any) -> BackendSpec:
-    if isinstance(item, str):
-        return BackendSpec(item.strip().rstrip("/"))
-    if isinstance(item, Mapping) and isinstance(item.get("url"), str):
-        spec = BackendSpec(item["url"].strip().rstrip("/"))
-        _fill(spec, {k: v for k, v in item.items() if k != "url"}, "backends[].")
-        return spec
-    raise ConfigError(f"a backend must be a URL or {{'url': ..., 'weight': ...}}, got {item!r}")
-
-
-def parse_datacenters(items: Any) -> tuple[list[Datacenter], dict[str, str]]:
-    """Parse ``[{"name", "lat", "lon", "backends": [urls]}]``; return them and url -> datacenter."""
-    if not isinstance(items, list):
-        raise ConfigError("datacenters must be a list of {name, lat, lon, backends}")
-    datacenters, placement = [], {}
-    for item in items:
-        try:
-            urls = tuple(u.rstrip("/") for u in item.get("backends", []))
-            dc = Datacenter(str(item["name"]), float(item["lat"]), float(item["lon"]), urls)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ConfigError(f"datacenter entries need name, lat, lon (and backends), got {item!r}") from None
-        datacenters.append(dc)
-        placement.update(dict.fromkeys(urls, dc.name))
-    return datacenters, placement
-
-
-def apply_mapping(config: LBConfig, data: Mapping[str, Any]) -> None:
-    """Apply a JSON-shaped mapping (the config file format) onto ``config``."""
-    data = dict(data)
-    if "datacenters" in data and "backends" not in data:
-        config.backends = []  # the datacenters list their own backends; don't keep the defaults
-    if "backends" in data:
-        config.backends = [parse_backend(b) for b in data.pop("backends")]
-    if "datacenters" in data:
-        config.datacenters, placement = parse_datacenters(data.pop("datacenters"))
-        urls = {b.url for b in config.backends}
-        config.backends.extend(BackendSpec(u) for u in placement if u not in urls)
-        for spec in config.backends:
-            spec.datacenter = placement.get(spec.url, spec.datacenter)
-    for section in ("health_check", "ejection", "cache"):
-        if section in data:
-            _fill(getattr(config, section), data.pop(section), f"{section}.")
-    for key in ("strategy", "host", "default_datacenter", "geoip_db_path"):
-        if key in data:
-            setattr(config, key, data.pop(key))
-    _fill(config, data, "")
-
-
-def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
-    """Translate ``LB_*`` variables (and ``GEOIP_DB_PATH``) into the config file format."""
-    data: dict[str, Any] = {}
-    if env.get("LB_BACKENDS"):
-        urls = [u for u in env["LB_BACKENDS"].split(",") if u.strip()]
-        weights = [w for w in env.get("LB_WEIGHTS", "").split(",") if w.strip()]
-        if weights and len(weights) != len(urls):
-            raise ConfigError(f"LB_WEIGHTS has {len(weights)} entries for {len(urls)} LB_BACKENDS")
-        data["backends"] = [{"url": u, "weight": w} for u, w in zip(urls, weights or ["1"] * len(urls), strict=True)]
-    if env.get("LB_DATACENTERS"):
-        try:
-            data["datacenters"] = json.loads(env["LB_DATACENTERS"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"LB_DATACENTERS must be a JSON list: {exc}") from None
-    for var, key in (
-        ("LB_STRATEGY", "strategy"),
-        ("LB_HOST", "host"),
-        ("LB_PORT", "port"),
-        ("LB_DEFAULT_DATACENTER", "default_datacenter"),
-        ("GEOIP_DB_PATH", "geoip_db_path"),
-    ):
-        if env.get(var):
-            data[key] = env[var]
-    if env.get("LB_HEALTH_INTERVAL"):
-        data["health_check"] = {"interval": env["LB_HEALTH_INTERVAL"]}
-    return data
-
-
-def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> LBConfig:
-    """Defaults < JSON file (``--config`` or ``LB_CONFIG``) < environment < flags."""
-    config = LBConfig()
-    path = args.config or env.get("LB_CONFIG")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
-        apply_mapping(config, data)
-    apply_mapping(config, env_mapping(env))
-    flags: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if args.strategy:
-        flags["strategy"] = args.strategy
-    if args.backends:
-        flags.update(env_mapping({"LB_BACKENDS": args.backends, "LB_WEIGHTS": args.weights or ""}))
-    apply_mapping(config, flags)
-    return config.validate()
 
 
 # --------------------------------------------------------------------------- backends
@@ -573,6 +392,8 @@ class Geo(RoundRobin):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (RoundRobin, LeastConnections, SmoothWeighted, IpHash, Adaptive, Geo)
 }
+if tuple(STRATEGIES) != STRATEGY_NAMES:  # lb_config validates names without importing the classes
+    raise RuntimeError(f"lb_config.STRATEGY_NAMES {STRATEGY_NAMES} does not match STRATEGIES {tuple(STRATEGIES)}")
 
 
 # --------------------------------------------------------------------------- cache
@@ -600,12 +421,20 @@ def cache_directives(value: str | None) -> dict[str, str]:
     return directives
 
 
-def freshness_seconds(headers: Mapping[str, str]) -> float | None:
+def combined(headers: CIMultiDict[str] | Any, name: str) -> str:
+    """Every line of a list-valued header joined with commas, as HTTP defines repeated fields
+    (RFC 9110 5.3): a second ``Cache-Control: private`` line must count as much as the first."""
+    values: list[str] = headers.getall(name, [])
+    return values[0] if len(values) == 1 else ", ".join(values)
+
+
+def freshness_seconds(headers: CIMultiDict[str]) -> float | None:
     """How long a shared cache may keep a response, or None when it must not store it."""
-    cc = cache_directives(headers.get("Cache-Control"))
+    cc = cache_directives(combined(headers, "Cache-Control"))
     if {"no-store", "private", "no-cache"} & cc.keys() or "Set-Cookie" in headers:
         return None
-    if headers.get("Vary", "").strip().lower() not in ("", "accept-encoding"):
+    vary = {token.strip().lower() for token in combined(headers, "Vary").split(",")} - {""}
+    if vary - {"accept-encoding"}:  # the key holds Accept-Encoding only; anything else (or *) is not cached
         return None
     for directive in ("s-maxage", "max-age"):
         if directive in cc:
@@ -630,17 +459,17 @@ class ResponseCache:
 
     @staticmethod
     def key(request: web.Request) -> str:
-        return f"{request.host}{request.raw_path}|{request.headers.get('Accept-Encoding', '')}"
+        return f"{request.headers.get('Host', '')}{origin_target(request)}|{request.headers.get('Accept-Encoding', '')}"
 
     @staticmethod
     def request_mode(request: web.Request) -> str:
         """``bypass`` (never cached), ``refresh`` (fetch, may store) or ``use``."""
         if request.method != "GET" or any(name in request.headers for name in PRIVATE_REQUEST_HEADERS):
             return "bypass"
-        cc = cache_directives(request.headers.get("Cache-Control"))
+        cc = cache_directives(combined(request.headers, "Cache-Control"))
         if "no-store" in cc:
             return "bypass"
-        if "no-cache" in cc or cc.get("max-age") == "0" or request.headers.get("Pragma") == "no-cache":
+        if "no-cache" in cc or cc.get("max-age") == "0" or "no-cache" in combined(request.headers, "Pragma"):
             return "refresh"
         return "use"
 
@@ -677,412 +506,6 @@ class ResponseCache:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self.bytes}
 
 
-# --------------------------------------------------------------------------- upstream HTTP/1.1 client
-
-
-class UpstreamError(Exception):
-    """The backend connection failed; ``sent`` is False only when it was never established."""
-
-    def __init__(self, message: str, sent: bool = True) -> None:
-        super().__init__(message)
-        self.sent = sent
-
-
-class UpstreamResponse:
-    """Status, headers and either the whole (small) body or a stream of body pieces."""
-
-    def __init__(self, conn: UpstreamConnection, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        self.conn = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length: int | None = None
-        self.connection: str | None = None
-        self.body: bytes | None = None
-        self._pieces: deque[bytes] = deque()
-        self._queued = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.error: BaseException | None = None
-
-    def feed(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._queued += len(data)
-        if self._queued > STREAM_HIGH_WATER:
-            self.conn.pause_reading()
-        self._wake()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.complete = True
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
-        """Yield body pieces as they arrive; raise UpstreamError if the body is cut short."""
-        while True:
-            if self._pieces:
-                data = self._pieces.popleft()
-                self._queued -= len(data)
-                if self._queued < STREAM_HIGH_WATER // 2:
-                    self.conn.resume_reading()
-                yield data
-            elif self.complete:
-                if self.error is not None:
-                    raise UpstreamError(f"body cut short: {self.error}")
-                return
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    async with asyncio.timeout(read_timeout):
-                        await self._waiter
-                except TimeoutError:
-                    raise UpstreamError(f"no body data for {read_timeout}s") from None
-                finally:
-                    self._waiter = None
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a backend, parsing responses as bytes arrive.
-
-    A hand-written client instead of aiohttp's: profiling showed the generic client to be
-    most of the proxy's CPU time per request, and the balancer needs only plain HTTP/1.1.
-    """
-
-    def __init__(self, buffer_limit: int) -> None:
-        self.buffer_limit = buffer_limit
-        self.transport: asyncio.Transport | None = None
-        self.idle_since = 0.0
-        self._buf = bytearray()
-        self._head_request = False
-        self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._response: UpstreamResponse | None = None
-        self._framing = ""
-        self._remaining = 0
-        self._keep_alive = False
-        self._done = True  # no request in flight: any byte the backend sends now is unsolicited
-        self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
-
-    # asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self._done:  # no request in flight: never let these bytes become the next client's response
-            log.debug("closing a backend connection that sent %d unsolicited bytes", len(data))
-            self._buf.clear()
-            self.close()
-            return
-        self._buf += data
-        try:
-            self._process()
-        except (ValueError, IndexError) as exc:
-            self._fail(UpstreamError(f"malformed response from backend: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self._framing == "close" and self._response is not None and not self._done:
-            self._finish_body()
-        self._fail(UpstreamError(f"connection closed by backend ({exc or 'EOF'})"))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(UpstreamError("connection lost while sending"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    # used by the proxy
-
-    @property
-    def usable(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
-
-    @property
-    def idle_clean(self) -> bool:
-        """Open, nothing in flight and nothing buffered: safe to carry a new request."""
-        return self._done and not self._buf and self.usable
-
-    def start(self, head: bytes, head_request: bool) -> None:
-        """Send the request head and get ready to parse the response."""
-        if not self.idle_clean:
-            self.close()
-            raise UpstreamError("backend connection is not clean to reuse", sent=False)
-        self._head_request = head_request
-        self._head_waiter = asyncio.get_running_loop().create_future()
-        self._response = None
-        self._framing = ""
-        self._done = False
-        self._keep_alive = False
-        self.transport.write(head)
-
-    async def send_body(self, chunks: AsyncIterator[bytes], chunked: bool) -> None:
-        async for chunk in chunks:
-            if not self.usable:
-                raise UpstreamError("backend closed the connection while the body was sent")
-            if chunk:
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)  # type: ignore[union-attr]
-            if self._write_paused:
-                self._drain_waiter = asyncio.get_running_loop().create_future()
-                await self._drain_waiter
-        if chunked and self.usable:
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-
-    async def response(self, read_timeout: float) -> UpstreamResponse:
-        """Wait for the response head (and a small body); a plain timer is cheaper than asyncio.timeout."""
-        waiter = self._head_waiter
-        assert waiter is not None
-        if waiter.done():
-            return waiter.result()
-        timer = asyncio.get_running_loop().call_later(read_timeout, self._time_out, read_timeout)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
-    def _time_out(self, seconds: float) -> None:
-        self._fail(UpstreamError(f"no response within {seconds}s"))
-        self.close()
-
-    @property
-    def reusable(self) -> bool:
-        return self._done and self._keep_alive and not self._buf and self.usable
-
-    def pause_reading(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.cancel()  # abandoned mid-request: nobody will await the response any more
-        if self.transport is not None:
-            self.transport.close()
-
-    # parsing
-
-    def _process(self) -> None:
-        if self._response is None and not self._parse_head():
-            return
-        if self._done:
-            return
-        if self._framing == "length-buffered":
-            self._take_buffered()
-        elif self._framing == "length":
-            self._take_length()
-        elif self._framing == "chunked":
-            self._take_chunks()
-        elif self._framing == "close" and self._buf:
-            self._stream(bytes(self._buf))
-            self._buf.clear()
-
-    def _parse_head(self) -> bool:
-        """Parse a status line and headers (skipping 1xx); return True once a response has started."""
-        while True:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise ValueError("response head too large")
-                return False
-            lines = bytes(self._buf[:end]).decode("utf-8", "replace").split("\r\n")
-            del self._buf[: end + 4]
-            version, _, rest = lines[0].partition(" ")
-            code, _, reason = rest.partition(" ")
-            status = int(code)
-            if 100 <= status < 200:
-                continue
-            headers = []
-            fields = {}  # the few framing headers, lower-cased, read in the same pass
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip():
-                    raise ValueError(f"bad header line {line[:40]!r}")
-                value = value.strip()
-                headers.append((name, value))
-                lower = name.lower()
-                if lower in FRAMING_HEADERS:
-                    fields[lower] = f"{fields[lower]}, {value}" if lower in fields else value
-            self._begin(UpstreamResponse(self, status, reason, headers), version, fields)
-            return True
-
-    def _begin(self, response: UpstreamResponse, version: str, fields: dict[str, str]) -> None:
-        """Decide how the body is framed and whether to hand over the head now or with the body."""
-        self._response = response
-        response.connection = fields.get("connection")
-        connection = fields.get("connection", "").lower()
-        self._keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        length = fields.get("content-length")
-        if length is not None:
-            if "," in length:  # repeated Content-Length: tolerable only if every value agrees, never kept alive
-                values = {v.strip() for v in length.split(",")}
-                if len(values) != 1:
-                    raise ValueError(f"conflicting Content-Length values {length!r}")
-                length = values.pop()
-                self._keep_alive = False
-            if not (length.isascii() and length.isdigit()):
-                raise ValueError(f"invalid Content-Length {length!r}")
-            response.content_length = int(length)
-        te = fields.get("transfer-encoding")
-        if te is not None:  # it overrides Content-Length; having both smells of smuggling, so do not reuse
-            response.content_length = None
-            if length is not None:
-                self._keep_alive = False
-        if self._head_request or response.status in (204, 304):
-            self._framing = "none"
-        elif te is not None:
-            if te.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                self._framing = "chunked"
-            else:  # a final coding other than chunked: the body runs until the backend closes
-                self._framing = "close"
-                self._keep_alive = False
-        elif length is not None:
-            self._framing = "length"
-            self._remaining = response.content_length
-        else:
-            self._framing = "close"
-            self._keep_alive = False
-        if self._framing == "none":
-            response.body = b""
-            self._finish_body()
-        elif self._framing == "length" and self._remaining <= self.buffer_limit:
-            self._framing = "length-buffered"
-            self._take_buffered()
-        else:
-            self._deliver_head()
-
-    def _take_buffered(self) -> None:
-        if len(self._buf) >= self._remaining:
-            assert self._response is not None
-            self._response.body = bytes(self._buf[: self._remaining])
-            del self._buf[: self._remaining]
-            self._finish_body()
-
-    def _take_length(self) -> None:
-        if self._buf:
-            piece = bytes(self._buf[: self._remaining])
-            del self._buf[: len(piece)]
-            self._remaining -= len(piece)
-            self._stream(piece)
-        if self._remaining == 0:
-            self._finish_body()
-
-    def _take_chunks(self) -> None:
-        """Decode ``Transfer-Encoding: chunked`` as far as the buffer allows."""
-        while not self._done:
-            if self._remaining > 0:
-                if not self._buf:
-                    return
-                piece = bytes(self._buf[: self._remaining])
-                del self._buf[: len(piece)]
-                self._remaining -= len(piece)
-                self._stream(piece)
-                if self._remaining:
-                    return
-                self._remaining = -2  # expect the CRLF after the data
-            line_end = self._buf.find(b"\r\n")
-            if line_end < 0:
-                return
-            line = bytes(self._buf[:line_end])
-            del self._buf[: line_end + 2]
-            if self._remaining == -2:
-                self._remaining = 0
-                if line:
-                    raise ValueError("missing CRLF after chunk data")
-            elif self._remaining == -1:  # trailer section: ends with an empty line
-                if not line:
-                    self._finish_body()
-            else:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                self._remaining = size if size else -1
-
-    def _stream(self, piece: bytes) -> None:
-        if piece and self._response is not None:
-            self._response.feed(piece)
-
-    def _deliver_head(self) -> None:
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_result(self._response)  # type: ignore[arg-type]
-
-    def _finish_body(self) -> None:
-        self._done = True
-        self._deliver_head()
-        if self._response is not None:
-            self._response.finish()
-
-    def _fail(self, error: UpstreamError) -> None:
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_exception(error)
-        elif self._response is not None and not self._done:
-            self._response.finish(error)
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per backend, reused most-recent first."""
-
-    def __init__(
-        self, connect_timeout: float, buffer_limit: int, max_idle: int = 256, idle_seconds: float = 30.0
-    ) -> None:
-        self.connect_timeout = connect_timeout
-        self.buffer_limit = buffer_limit
-        self.max_idle = max_idle
-        self.idle_seconds = idle_seconds
-        self._idle: dict[str, list[UpstreamConnection]] = {}
-
-    async def acquire(self, backend: Backend) -> UpstreamConnection:
-        """An idle connection to ``backend`` or a new one; a failed connect raises ``sent=False``."""
-        idle = self._idle.get(backend.url)
-        loop = asyncio.get_running_loop()
-        while idle:
-            conn = idle.pop()
-            if conn.idle_clean and loop.time() - conn.idle_since < self.idle_seconds:
-                return conn
-            conn.close()
-        tls = ssl.create_default_context() if backend.tls else None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self.buffer_limit), backend.host, backend.port, ssl=tls
-                )
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(
-                f"cannot connect to {backend.netloc}: {exc or type(exc).__name__}", sent=False
-            ) from None
-        return conn
-
-    def release(self, backend: Backend, conn: UpstreamConnection) -> None:
-        idle = self._idle.setdefault(backend.url, [])
-        if conn.reusable and len(idle) < self.max_idle:
-            conn.idle_since = asyncio.get_running_loop().time()
-            idle.append(conn)
-        else:
-            conn.close()
-
-    def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
-
-
 # --------------------------------------------------------------------------- the balancer
 
 
@@ -1097,9 +520,10 @@ class UpstreamFailure(Exception):
 class RequestBody:
     """Streams the client's body upstream once, remembering whether any of it was read."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, admission: Admission | None = None) -> None:
         self.request = request
         self.started = False
+        self.admission = admission  # gateway mode: the decision that admitted this request
 
     @property
     def present(self) -> bool:
@@ -1141,6 +565,12 @@ class Balancer:
         self.strategy: Strategy = STRATEGIES[config.strategy](self.env)
         self.session: ClientSession | None = None
         self.upstream = UpstreamPool(config.connect_timeout, config.buffer_bytes)
+        self.guard = ConnectionGuard(config.max_connections, config.request_head_timeout, config.keepalive_timeout)
+        self.forward_auth: ForwardAuth | None = None
+        if config.forward_auth_url:
+            self.forward_auth = ForwardAuth(
+                config.forward_auth_url, config.forward_auth_timeout, config.forward_auth_fail == "open"
+            )
         self.total_requests = 0
         self.started_at = time.time()
 
@@ -1166,6 +596,12 @@ class Balancer:
             "backends": [b.stats(now) for b in self.pool.backends],
             "cache": self.cache.stats(),
             "healthy_backends": len(self.pool.candidates()),
+            "connections": self.guard.stats(),
+            "forward_auth": (
+                self.forward_auth.stats()
+                if self.forward_auth is not None
+                else {"url": None, "admitted": 0, "refused": 0, "errors": 0}
+            ),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
         if self.geo is not None:
@@ -1183,7 +619,9 @@ def check_framing(request: web.Request) -> None:
         raise BadRequest("conflicting Content-Length / Transfer-Encoding headers")
 
 
-def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes:
+def request_head(
+    request: web.Request, backend: Backend, chunked: bool, identity: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """The upstream request line and headers: hop-by-hop and framing ones dropped, X-Forwarded-* added.
 
     The body framing is always written here (Content-Length of what will be sent, or chunked), never
@@ -1191,16 +629,38 @@ def request_head(request: web.Request, backend: Backend, chunked: bool) -> bytes
     """
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     peer = request.remote or "unknown"
-    lines = [f"{request.method} {backend.prefix}{request.raw_path} HTTP/1.1", f"Host: {backend.netloc}"]
-    lines += [f"{k}: {v}" for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))]
+    lines = [f"{request.method} {backend.prefix}{origin_target(request)} HTTP/1.1", f"Host: {backend.netloc}"]
+    lines += [
+        f"{k}: {v}"
+        for k, v in filter_headers(request.headers.items(), request.headers.get("Connection"))
+        if not k.lower().startswith("x-auth-")  # identity headers come from the gateway decision only
+    ]
+    lines += [f"{k}: {v}" for k, v in identity]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     lines.append(f"X-Forwarded-Proto: {request.scheme}")
-    lines.append(f"X-Forwarded-Host: {request.host}")
+    if "Host" in request.headers:  # never request.host: for an absolute-form target that is the URL's authority
+        lines.append(f"X-Forwarded-Host: {request.headers['Host']}")
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     elif request.content_length is not None:
         lines.append(f"Content-Length: {request.content_length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def origin_target(request: web.Request) -> str:
+    """The request target as a path and query (origin-form).
+
+    An absolute-form target (``GET http://169.254.169.254/x HTTP/1.1``) is what a forward proxy
+    gets; this reverse proxy keeps only its path and query, so a backend never sees an authority
+    the client chose (aiohttp's router has already refused targets with no path, and ``*``).
+    """
+    target = request.raw_path
+    if target.startswith("/"):
+        return target
+    origin = request.rel_url.raw_path_qs
+    if not origin.startswith("/"):
+        raise BadRequest("the request target must be a path or an absolute URL with a path")
+    return origin
 
 
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
@@ -1227,13 +687,22 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     lb = request.app[BALANCER]
     lb.total_requests += 1
     check_framing(request)
+    admission: Admission | None = None
+    if lb.forward_auth is not None:
+        assert lb.session is not None
+        outcome = await lb.forward_auth.decide(lb.session, request, lb.client_ip(request), origin_target(request))
+        if isinstance(outcome, web.Response):
+            return outcome  # refused (as the decision endpoint said) or the decision service is unreachable
+        admission = outcome
     cache_mode = lb.cache.request_mode(request) if lb.config.cache.enabled else "bypass"
     cache_key = lb.cache.key(request) if cache_mode != "bypass" else None
     if cache_mode == "use" and cache_key is not None:
         entry = lb.cache.get(cache_key)
         if entry is not None:
-            return cached_response(entry, lb.clock())
-    body = RequestBody(request)
+            response = cached_response(entry, lb.clock())
+            add_rate_headers(admission, response.headers)  # type: ignore[arg-type]
+            return response
+    body = RequestBody(request, admission)
     client_ip = lb.client_ip(request) if lb.strategy.needs_client_ip else ""
     tried: list[Backend] = []
     last_error: UpstreamFailure | None = None
@@ -1270,11 +739,15 @@ async def forward(
     conn: UpstreamConnection | None = None  # owned here until released or handed to stream()
     try:
         try:
-            conn = await lb.upstream.acquire(backend)
-            conn.start(request_head(request, backend, body.chunked), request.method == "HEAD")
-            if body.present:
-                await conn.send_body(body.chunks(), body.chunked)
-            upstream = await conn.response(lb.config.read_timeout)
+            try:
+                conn, upstream = await exchange(request, lb, backend, body, fresh=False)
+            except UpstreamError as exc:
+                # The backend closed a pooled connection just as the request left (its keep-alive
+                # timeout): nothing was answered, so a request that may be resent goes on a new one.
+                if not (exc.stale and request.method in IDEMPOTENT_METHODS and not body.started):
+                    raise
+                log.debug("stale keep-alive connection to %s; resending on a new one", backend.url)
+                conn, upstream = await exchange(request, lb, backend, body, fresh=True)
         except UpstreamError as exc:
             raise failed(lb, backend, exc) from exc
         except ConnectionError as exc:  # only reading the client's body raises this: the client is gone
@@ -1286,6 +759,7 @@ async def forward(
         else:
             lb.pool.record_success(backend)
         headers = response_headers(upstream, backend)
+        add_rate_headers(body.admission, headers)
         if upstream.body is None or request.method == "HEAD":
             conn = None  # stream() releases or closes it
             return await stream(request, lb, backend, upstream, headers)
@@ -1301,6 +775,22 @@ async def forward(
         raise
     finally:
         backend.active -= 1
+
+
+async def exchange(
+    request: web.Request, lb: Balancer, backend: Backend, body: RequestBody, fresh: bool
+) -> tuple[UpstreamConnection, UpstreamResponse]:
+    """Send the request on a pooled (or ``fresh``) connection and wait for the response head."""
+    conn = await lb.upstream.acquire(backend, fresh)
+    try:
+        identity = body.admission.identity if body.admission is not None else ()
+        conn.start(request_head(request, backend, body.chunked, identity), request.method == "HEAD")
+        if body.present:
+            await conn.send_body(body.chunks(), body.chunked)
+        return conn, await conn.response(lb.config.read_timeout)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def failed(lb: Balancer, backend: Backend, exc: UpstreamError) -> UpstreamFailure:
@@ -1342,6 +832,15 @@ def abort(request: web.Request, conn: UpstreamConnection) -> None:
     conn.close()
     if request.transport is not None:
         request.transport.close()
+
+
+def add_rate_headers(admission: Admission | None, headers: CIMultiDict[str]) -> None:
+    """In gateway mode, the decision's rate-limit headers replace any the backend sent."""
+    if admission is None or not admission.rate:
+        return
+    for name, _ in admission.rate:
+        headers.popall(name, None)
+    headers.extend(admission.rate)
 
 
 def cached_response(entry: CachedResponse, now: float) -> web.Response:
@@ -1419,9 +918,34 @@ async def lb_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "healthy_backends": healthy})
 
 
+def require_admin(request: web.Request, lb: Balancer) -> None:
+    """``Authorization: Bearer <LB_ADMIN_TOKEN>`` when a token is set (constant-time compare);
+    otherwise the caller must be on this machine (the socket peer, never X-Forwarded-For)."""
+    token = lb.config.admin_token
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("send Authorization: Bearer <LB_ADMIN_TOKEN>")
+        return
+    if not is_loopback(request.remote):
+        raise Forbidden("without LB_ADMIN_TOKEN only clients on this machine may change the balancer")
+
+
+def is_loopback(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # dual-stack sockets
+    return (mapped or ip).is_loopback
+
+
 @routes.post("/change_strategy")
 async def change_strategy(request: web.Request) -> web.Response:
     lb = request.app[BALANCER]
+    require_admin(request, lb)
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as Content-Type: application/json")
     valid = list(STRATEGIES)
     try:
         body = await request.json()
@@ -1455,11 +979,22 @@ STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    """Turn domain and HTTP errors into JSON; log a true bug once and answer 500."""
+    """Turn domain and HTTP errors into JSON; log a true bug once and answer 500.
+
+    It also tells the connection's guard when a request head is complete and when the request is
+    over (one middleware rather than two: each one is a coroutine frame on every request).
+    """
+    protocol = request.protocol
+    guarded = protocol if isinstance(protocol, GuardedHandler) else None
+    if guarded is not None:
+        guarded.request_started()
     try:
         return await handler(request)
     except LBError as exc:
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="load balancer"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -1467,12 +1002,145 @@ async def error_middleware(request: web.Request, handler: Callable[..., Any]) ->
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "the load balancer hit an unexpected error")
+    finally:
+        if guarded is not None:
+            guarded.request_finished()
+
+
+# --------------------------------------------------------------------------- client connection limits
+
+
+class ConnectionGuard:
+    """Caps client connections and times out slow request heads and idle keep-alive connections.
+
+    HAProxy's model: ``maxconn``, ``timeout http-request`` (the whole head must arrive within
+    ``request_head_timeout`` of its first byte) and ``timeout http-keep-alive``. At the cap, a
+    new connection takes the place of the oldest one still waiting for a request head (a
+    slowloris client holds exactly such connections), so trickling clients cannot lock out a
+    normal one; only when every connection is busy with a request is the new one closed.
+    Deadlines are checked by one sweep a few times per timeout (at most every second) rather
+    than a timer per request, which would cost every proxied request a timer to set and cancel.
+    """
+
+    def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.sweep_seconds = max(0.05, min(1.0, head_timeout / 4, keepalive_timeout / 4))
+        self.open: dict[GuardedHandler, None] = {}  # insertion order: oldest first
+        self.refused = 0
+        self.evicted = 0
+        self.head_timeouts = 0
+        self.idle_timeouts = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def opened(self, handler: GuardedHandler) -> None:
+        if len(self.open) >= self.max_connections:
+            victim = next((h for h in self.open if h.state != BUSY), None)
+            if victim is None:
+                self.refused += 1
+                handler.force_close()
+                return
+            self.evicted += 1
+            self.open.pop(victim, None)
+            victim.force_close()
+        self.open[handler] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.sweep_seconds, self._sweep)
+
+    def closed(self, handler: GuardedHandler) -> None:
+        self.open.pop(handler, None)
+
+    def _sweep(self) -> None:
+        """Close connections past their deadline; runs while any connection is open."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for handler in [h for h in self.open if h.state != BUSY and now >= h.deadline]:
+            transport = handler.transport
+            if handler.state == IDLE and transport is not None and transport.get_write_buffer_size():
+                handler.deadline = now + self.keepalive_timeout  # the last response is still being written
+                continue
+            if handler.state == HEAD:
+                self.head_timeouts += 1
+                log.info("closing a client connection whose request head did not arrive in time")
+            else:
+                self.idle_timeouts += 1
+            self.open.pop(handler, None)
+            handler.force_close()
+        if self.open:
+            self._sweeper = loop.call_later(self.sweep_seconds, self._sweep)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "open": len(self.open),
+            "max": self.max_connections,
+            "refused": self.refused,
+            "evicted": self.evicted,
+            "head_timeouts": self.head_timeouts,
+            "idle_timeouts": self.idle_timeouts,
+        }
+
+
+HEAD, BUSY, IDLE = "head", "busy", "idle"
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection handler with a state and a deadline for the guard: ``head`` (a
+    request head is arriving), ``busy`` (a request is being served), ``idle`` (keep-alive)."""
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+        self.state = HEAD
+        self.deadline = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.deadline = self._loop.time() + self.guard.head_timeout
+        self.guard.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.guard.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is IDLE:  # first byte of the next request: its head has head_timeout to finish
+            self.state = HEAD
+            self.deadline = self._loop.time() + self.guard.head_timeout
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        self.state = BUSY
+
+    def request_finished(self) -> None:
+        if self.state is BUSY:
+            self.state = IDLE
+            self.deadline = self._loop.time() + self.guard.keepalive_timeout
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server for the app, building ``GuardedHandler`` connections."""
+
+    def __init__(self, base: web.Server, guard: ConnectionGuard) -> None:  # noqa: D107
+        self.__dict__.update(vars(base))  # adopt the server aiohttp built for the app, every setting kept
+        self.guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """``AppRunner`` whose client connections the balancer's ``ConnectionGuard`` limits."""
+
+    async def _make_server(self) -> web.Server:
+        return GuardedServer(await super()._make_server(), self.app[BALANCER].guard)
 
 
 def build_app(
     config: LBConfig, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
 ) -> web.Application:
-    """Application factory: admin routes first, then the proxy catch-all."""
+    """Application factory: admin routes first, then the proxy catch-all (serve it with ``GuardedRunner``)."""
     app = web.Application(middlewares=[error_middleware])
     app[BALANCER] = Balancer(config.validate(), clock, rng)
     app.add_routes(routes)
@@ -1485,79 +1153,9 @@ def build_app(
 
 # --------------------------------------------------------------------------- dashboard
 
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Load balancer</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px system-ui,sans-serif;margin:2rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
-th{background:#f3f3f3}td:first-child{text-align:left}.up{color:#080}.down{color:#b00;font-weight:bold}
-#error{color:#b00}
-</style></head><body>
-<h1>Load balancer</h1>
-<p>Strategy: <select id="strategy"></select> <span id="strategy-status"></span></p>
-<p>Total requests: <b id="total">-</b> &middot; healthy backends: <b id="healthy">-</b></p>
-<table><thead><tr><th>backend</th><th>state</th><th>weight</th><th>active</th><th>requests</th>
-<th>failures</th><th>avg ms</th></tr></thead><tbody id="backends"></tbody></table>
-<p>Cache: hits <b id="cache-hits">-</b>, misses <b id="cache-misses">-</b>, entries <b id="cache-entries">-</b></p>
-<p id="error"></p>
-<script src="/lb/dashboard.js"></script>
-</body></html>
-"""
-
-DASHBOARD_JS = """'use strict';
-const $ = (id) => document.getElementById(id);
-function cell(row, text, cls) {
-  const td = document.createElement('td');
-  td.textContent = String(text);
-  if (cls) td.className = cls;
-  row.appendChild(td);
-}
-function render(stats) {
-  $('total').textContent = String(stats.total_requests);
-  $('healthy').textContent = String(stats.backends.filter((b) => b.healthy).length);
-  $('cache-hits').textContent = String(stats.cache.hits);
-  $('cache-misses').textContent = String(stats.cache.misses);
-  $('cache-entries').textContent = String(stats.cache.entries);
-  const select = $('strategy');
-  if (select.options.length !== stats.strategies.length) {
-    select.replaceChildren(...stats.strategies.map((name) => new Option(name, name)));
-  }
-  if (document.activeElement !== select) select.value = stats.strategy;
-  const body = $('backends');
-  body.replaceChildren(...stats.backends.map((b) => {
-    const row = document.createElement('tr');
-    cell(row, b.url);
-    cell(row, b.healthy ? 'up' : 'down', b.healthy ? 'up' : 'down');
-    cell(row, b.weight);
-    cell(row, b.active_connections);
-    cell(row, b.total_requests);
-    cell(row, b.failures);
-    cell(row, b.avg_response_ms.toFixed(1));
-    return row;
-  }));
-}
-async function poll() {
-  try {
-    const resp = await fetch('/stats', {cache: 'no-store'});
-    render(await resp.json());
-    $('error').textContent = '';
-  } catch (err) {
-    $('error').textContent = 'cannot reach /stats: ' + err;
-  }
-}
-$('strategy').addEventListener('change', async (event) => {
-  const resp = await fetch('/change_strategy', {
-    method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({strategy: event.target.value}),
-  });
-  const data = await resp.json();
-  $('strategy-status').textContent = resp.ok ? 'switched' : data.message;
-  poll();
-});
-poll();
-setInterval(poll, 1000);
-"""
+HERE = Path(__file__).resolve().parent
+DASHBOARD_HTML = (HERE / "templates" / "lb_dashboard.html").read_text(encoding="utf-8")
+DASHBOARD_JS = (HERE / "static" / "lb_dashboard.js").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1594,6 +1192,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", help="comma list of backend URLs (also LB_BACKENDS)")
     parser.add_argument("--weights", help="comma list of weights matching --backends (also LB_WEIGHTS)")
     parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (also LB_STRATEGY)")
+    parser.add_argument(
+        "--forward-auth",
+        dest="forward_auth_url",
+        metavar="URL",
+        help="gateway mode: ask this decision endpoint (e.g. http://127.0.0.1:5000/forward_auth) before "
+        "proxying each request (also LB_FORWARD_AUTH_URL)",
+    )
+    parser.add_argument(
+        "--forward-auth-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="decision time limit [1] (LB_FORWARD_AUTH_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--forward-auth-fail",
+        choices=("closed", "open"),
+        help="decision service unreachable: closed answers 503, open proxies anyway [closed] (LB_FORWARD_AUTH_FAIL)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LB_LOG_LEVEL", "INFO"), help="logging level [INFO]")
     return parser.parse_args(argv)
 
@@ -1615,15 +1231,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.strategy,
         ", ".join(b.url for b in config.backends),
     )
-    web.run_app(
-        build_app(config),
-        sock=sock,
-        shutdown_timeout=config.shutdown_timeout,
-        access_log=None,
-        print=None,
-        loop=event_loop(),
-    )
+    loop = event_loop()
+    asyncio.set_event_loop(loop)
+    main_task = loop.create_task(serve(build_app(config), sock, config.shutdown_timeout))
+    try:
+        loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT: drain, then stop
+        main_task.cancel()
+        loop.run_until_complete(asyncio.gather(main_task, return_exceptions=True))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return 0
+
+
+async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+    """What ``web.run_app`` does, with the guarded runner: serve until a signal, then drain in-flight requests."""
+    runner = GuardedRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

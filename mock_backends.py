@@ -4,7 +4,8 @@ One command starts several small Flask apps, each on its own port and threaded w
 server, that say who they are (``GET /``), report health (``GET /health``, switchable with
 ``POST /admin/health``), echo any request, and can be made slow (``?delay_ms=``), failing
 (``?fail=1``) or cacheable (``?cache_control=``) per request, or slow for every request
-(``POST /admin/delay``). ``GET /bytes?n=`` streams a large body for streaming tests.
+(``POST /admin/delay``). ``GET /bytes?n=`` streams a large body for streaming tests;
+``GET /stream?n=&chunk=`` streams one chunked, with no Content-Length, as generators do.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -43,6 +45,7 @@ class BackendState:
     port: int
     healthy: bool = True
     delay_ms: int = 0
+    admin_token: str = ""  # LB_ADMIN_TOKEN: lets /admin/* through a proxy
     counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,7 +102,25 @@ def health() -> tuple[Response, int]:
     return jsonify(status="ok" if state.healthy else "unhealthy", server=state.name), status
 
 
+def admin_refusal() -> tuple[Response, int] | None:
+    """The fault switches (``/admin/*``) are for whoever runs the backends, not for the public.
+
+    A request that came through a proxy (the balancer always adds ``X-Forwarded-For``) is refused
+    unless it carries ``Authorization: Bearer <LB_ADMIN_TOKEN>`` (when that is set); direct calls
+    on the backend's own port, as from the test suite and run_system, are served.
+    """
+    if not any(name in request.headers for name in ("X-Forwarded-For", "Forwarded", "X-Real-IP")):
+        return None
+    token = _state().admin_token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    return _error(403, "forbidden", "backend admin routes are not served through a proxy without Bearer LB_ADMIN_TOKEN")
+
+
 def set_health() -> Any:
+    if (refused := admin_refusal()) is not None:
+        return refused
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("healthy"), bool):
         return _error(400, "invalid_field", 'body must be JSON {"healthy": true|false}')
@@ -109,6 +130,8 @@ def set_health() -> Any:
 
 
 def set_delay() -> Any:
+    if (refused := admin_refusal()) is not None:
+        return refused
     body = request.get_json(silent=True)
     delay = body.get("delay_ms") if isinstance(body, dict) else None
     if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY_MS:
@@ -133,6 +156,28 @@ def stream_bytes() -> Response:
     response = Response(generate(), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(size)
     return response
+
+
+def stream_chunked() -> Response:
+    """Stream ``n`` bytes (default 5000, at most 64 MiB) in ``chunk``-byte pieces with no Content-Length.
+
+    Like a Flask generator, Node or most frameworks streaming a response: werkzeug frames it
+    ``Transfer-Encoding: chunked``, so the balancer's chunked path is exercised by the demo and
+    the suite. The body is ``0123456789`` repeated, so a client can check every byte.
+    """
+    size = _int_arg("n", 5000, 64 << 20)
+    piece = max(1, _int_arg("chunk", 1000, CHUNK))
+
+    def generate() -> Iterator[bytes]:
+        for start in range(0, size, piece):
+            yield stream_pattern(start, min(start + piece, size))
+
+    return Response(generate(), mimetype="application/octet-stream")
+
+
+def stream_pattern(start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the endless ``0123456789...`` pattern of ``/stream``."""
+    return bytes(48 + i % 10 for i in range(start, end))
 
 
 def echo(path: str = "") -> Response:
@@ -160,7 +205,9 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 def create_app(name: str, port: int) -> Flask:
     """Application factory for one mock backend."""
     app = Flask(name)
-    app.extensions["mock_backend"] = BackendState(name=name, port=port)
+    app.extensions["mock_backend"] = BackendState(
+        name=name, port=port, admin_token=os.environ.get("LB_ADMIN_TOKEN", "")
+    )
     app.before_request(_before)
     app.after_request(_after)
     app.add_url_rule("/", "identity", identity, methods=["GET", "HEAD"])
@@ -169,12 +216,18 @@ def create_app(name: str, port: int) -> Flask:
     app.add_url_rule("/admin/health", "set_health", set_health, methods=["POST"])
     app.add_url_rule("/admin/delay", "set_delay", set_delay, methods=["POST"])
     app.add_url_rule("/bytes", "bytes", stream_bytes, methods=["GET", "HEAD"])
+    app.add_url_rule("/stream", "stream", stream_chunked, methods=["GET", "HEAD"])
     app.add_url_rule("/<path:path>", "echo", echo, methods=ALL_METHODS)
     return app
 
 
 class QuietHandler(WSGIRequestHandler):
-    """Request handler that keeps connections alive and logs requests only at DEBUG."""
+    """HTTP/1.1 request handler (chunked streaming) that logs requests only at DEBUG.
+
+    werkzeug closes the connection after every response (and discards whatever arrives in the
+    10 ms after one), so these backends never keep connections alive; the balancer's
+    reused-connection path is tested against raw keep-alive backends in the suite.
+    """
 
     protocol_version = "HTTP/1.1"
 

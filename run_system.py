@@ -478,6 +478,10 @@ def build_plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         lb_url = url_for("http", args.host, args.lb_port)
         argv = [sys.executable, str(PROJECT_DIR / "load_balancer.py"), "--host", args.host]
         argv += ["--port", str(args.lb_port), "--backends", ",".join(backend_urls)]
+        if args.gateway:  # the balancer asks the API's decision endpoint before proxying
+            decider = url_for("https" if cert_dir else "http", args.host, args.api_port) + "/forward_auth"
+            argv += ["--forward-auth", decider]
+            notes.append(f"gateway mode: try curl -i {lb_url}/ (401 without a key), then with -H 'X-API-Key: <key>'")
         health = http_health([f"{lb_url}/lb/health"])
         # After the backends, so its first health probe already finds them up.
         components.append(
@@ -783,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-db", action="store_true", help="do not check the database before starting")
     parser.add_argument("--no-lb", action="store_true", help="do not start the load balancer")
+    parser.add_argument(
+        "--gateway", action="store_true", help="gateway mode: the balancer asks the API's /forward_auth first"
+    )
     parser.add_argument("--no-backends", action="store_true", help="do not start the mock backends")
     parser.add_argument("--ssl", action="store_true", help="serve the API over HTTPS with a dev certificate")
     parser.add_argument(

@@ -210,6 +210,14 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
         env = {**os.environ, "LB_LOG_LEVEL": "WARNING"}
         proc = stack.enter_context(running([*lb_cmd, *args.lb_arg], f"http://127.0.0.1:{lb_port}/lb/health", env=env))
         targets["load_balancer"] = (f"http://127.0.0.1:{lb_port}/", proc.pid)
+        if args.baseline:  # the same balancer from another checkout, in the same interleaved rounds
+            base_port = free_port()
+            base_cmd = [sys.executable, str(Path(args.baseline) / "load_balancer.py"), "--port", str(base_port)]
+            base_url = f"http://127.0.0.1:{base_port}/"
+            proc = stack.enter_context(
+                running([*base_cmd, "--backends", backend_url], base_url + "lb/health", env=env, cwd=args.baseline)
+            )
+            targets["baseline_lb"] = (base_url, proc.pid)
         rounds: dict[str, list[Result]] = {name: [] for name in targets}
         for round_no in range(args.rounds):  # interleaved rounds, so a noisy moment hits every target
             for target, (url, pid) in targets.items():
@@ -261,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported [3]")
     parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes [1]")
     parser.add_argument("--lb-arg", action="append", default=[], help="extra argument for load_balancer.py")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure load_balancer.py of another checkout (e.g. `git worktree add /tmp/base main`)",
+    )
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in client even if wrk exists")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -30,24 +30,31 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from services import free_port
 from test_geo_router import DATACENTERS, LONDON, MILTON, SHARED_GEOIP, SINGAPORE, build_city_db
 from test_mock_backends import mock_backends, stop, wait_ready
 
-from load_balancer import (
-    BALANCER,
-    Backend,
+from lb_config import (
     BackendSpec,
-    Balancer,
     CacheConfig,
+    ConfigError,
     EjectionConfig,
     HealthCheckConfig,
     LBConfig,
+    load_config,
+)
+from load_balancer import (
+    BALANCER,
+    Backend,
+    Balancer,
+    GuardedRunner,
     ResponseCache,
     SmoothWeighted,
     StrategyEnv,
     build_app,
     hrw_score,
+    parse_args,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +118,7 @@ class Harness:
 @asynccontextmanager
 async def running_lb(config: LBConfig, **kwargs: Any) -> AsyncIterator[Harness]:
     app = build_app(config, **kwargs)
-    runner = web.AppRunner(app, access_log=None)
+    runner = GuardedRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -586,6 +593,47 @@ def test_cache_is_lru_bounded_by_entries_and_bytes() -> None:
     assert not cache.put("big", 200, headers, b"1" * 81, "x")
 
 
+CACHE_HEADER_LINES = {
+    b"/private-second": b"Cache-Control: max-age=60\r\nCache-Control: private\r\n",
+    b"/no-store-second": b"Cache-Control: public\r\nCache-Control: max-age=60, no-store\r\n",
+    b"/vary-second": b"Cache-Control: max-age=60\r\nVary: Accept-Encoding\r\nVary: Cookie\r\n",
+    b"/vary-star": b"Cache-Control: max-age=60\r\nVary: accept-encoding\r\nVary: *\r\n",
+    b"/cacheable": b"Cache-Control: public\r\nCache-Control: max-age=60\r\nVary: Accept-Encoding\r\n",
+}
+
+
+@async_test
+async def test_repeated_cache_control_and_vary_lines_are_combined() -> None:
+    """Issue 11 item 9: a second Cache-Control or Vary line counts as much as the first."""
+    served = Counter[bytes]()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                target = (await read_head(reader)).split(b" ")[1]
+                served[target] += 1
+                body = b"%s #%d" % (target, served[target])
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%b" % (CACHE_HEADER_LINES[target], len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        for path in CACHE_HEADER_LINES:
+            first = await h.get(path.decode())
+            second = await h.get(path.decode())
+            assert first[0] == second[0] == 200
+    assert served == {
+        b"/private-second": 2,
+        b"/no-store-second": 2,
+        b"/vary-second": 2,
+        b"/vary-star": 2,
+        b"/cacheable": 1,
+    }
+
+
 # --------------------------------------------------------------------------- admin routes
 
 
@@ -611,7 +659,9 @@ async def test_change_strategy_accepts_valid_and_rejects_invalid(backends: list[
         async with post(h.url + "/change_strategy", json={"strategy": "least_connections"}) as resp:
             assert resp.status == 200 and await resp.json() == {"strategy": "least_connections"}
         for body in (b'{"strategy": "fastest"}', b"{not json", b'["round_robin"]', b"{}"):
-            async with post(h.url + "/change_strategy", data=body) as resp:
+            async with post(
+                h.url + "/change_strategy", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
                 error = await resp.json()
                 assert resp.status == 400, body
                 assert error["error"] == "bad_request" and "round_robin" in error["message"]
@@ -838,7 +888,7 @@ async def test_backend_that_never_answers_times_out_into_502() -> None:
 
 
 def test_config_datacenters_bring_their_own_backends() -> None:
-    from load_balancer import apply_mapping
+    from lb_config import apply_mapping
 
     config = LBConfig()
     apply_mapping(
@@ -1099,5 +1149,261 @@ async def test_client_abort_mid_upload_closes_the_backend_connection(caplog: pyt
                 while backend.open:
                     await asyncio.sleep(0.01)
             assert all(b.active == 0 for b in h.lb.pool.backends)
-    mine = [r for r in caplog.records if r.name == "load_balancer"]
+    mine = [r for r in caplog.records if r.name in ("load_balancer", "lb_upstream")]
     assert not [r for r in mine if r.levelno >= logging.WARNING or "unhandled" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- issue 16: framings on reused connections
+
+
+def chunked_reply(body: bytes, piece: int) -> bytes:
+    chunks = b"".join(
+        b"%x\r\n%b\r\n" % (len(body[i : i + piece]), body[i : i + piece]) for i in range(0, len(body), piece)
+    )
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+
+
+STREAMED = {size: bytes(48 + i % 10 for i in range(size)) for size in (50, 300, 5000)}
+
+
+async def keep_alive_streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive backend like Node or a streaming framework: ``/stream/N`` chunked, ``/small`` sized."""
+    try:
+        while True:
+            target = (await read_head(reader)).split(b" ")[1]
+            if target.startswith(b"/stream/"):
+                writer.write(chunked_reply(STREAMED[int(target.rsplit(b"/", 1)[1])], 1000))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@async_test
+async def test_chunked_responses_after_chunked_and_sized_ones_on_one_reused_connection() -> None:
+    """The three reports of issue 16, in order, on one pooled backend connection."""
+    sequence = [
+        ("/stream/300", STREAMED[300]),
+        ("/stream/300", STREAMED[300]),  # chunked after chunked: was 200 with an empty body
+        ("/small", b"small"),
+        ("/stream/50", STREAMED[50]),  # chunked after a small sized one: was framing bytes, then a hang
+        ("/small", b"small"),
+        ("/stream/5000", STREAMED[5000]),  # was cut mid-body: missing CRLF after chunk data
+        ("/stream/5000", STREAMED[5000]),
+    ]
+    async with (
+        raw_backend(keep_alive_streamer) as url,
+        running_lb(make_config([url], checks=False, read_timeout=5.0)) as h,
+    ):
+        for path, expected in sequence:
+            status, _, body = await h.get(path)
+            assert (status, body) == (200, expected), path
+        assert h.backend(url).failures == 0
+        idle = h.lb.upstream._idle[url]
+        assert len(idle) == 1 and idle[0].exchanges == len(sequence)  # every answer came over one connection
+
+
+@async_test
+async def test_mock_backend_stream_route_is_relayed_whole(backends: list[str]) -> None:
+    """The mock backends' chunked route (no Content-Length) through the balancer, small and streamed."""
+    async with running_lb(make_config(backends[:1], checks=False, buffer_bytes=1000)) as h:
+        for size in (0, 999, 5000, 300_000, 5000):
+            status, headers, body = await h.get(f"/stream?n={size}&chunk=777")
+            assert status == 200 and "Content-Length" not in headers
+            assert body == bytes(48 + i % 10 for i in range(size))
+
+
+@async_test
+async def test_backend_closing_an_idle_keep_alive_connection_is_not_a_failure() -> None:
+    """The backend's keep-alive timeout races the next request: resent once on a new connection."""
+    connections = 0
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # says keep-alive, then hangs up
+        await writer.drain()
+        await reader.read(1)  # the next request (or EOF) arrives: hang up without answering it
+        writer.close()
+
+    async with raw_backend(one_answer_per_connection) as url, running_lb(make_config([url], checks=False)) as h:
+        for _ in range(5):
+            status, _, body = await h.get("/")
+            assert (status, body) == (200, b"ok")
+        backend = h.backend(url)
+    assert backend.failures == 0 and backend.consecutive_failures == 0
+    assert connections >= 5
+
+
+def test_trusted_proxies_comes_from_the_environment_like_the_api(tmp_path: Path) -> None:
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"trusted_proxies": 2}))
+    args = parse_args(["--config", str(path)])
+    assert load_config(args, {}).trusted_proxies == 2  # the config-file key still works
+    assert load_config(args, {"TRUSTED_PROXIES": "1"}).trusted_proxies == 1  # the environment wins
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+        load_config(parse_args([]), {"TRUSTED_PROXIES": "-1"})
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_config(parse_args([]), {"TRUSTED_PROXIES": "many"})
+
+
+@async_test
+async def test_trusted_proxies_env_picks_the_client_from_x_forwarded_for(backends: list[str]) -> None:
+    config = load_config(parse_args(["--backends", backends[0]]), {"TRUSTED_PROXIES": "1"})
+    config.health_check.enabled = False
+    async with running_lb(config) as h:
+        app_request = make_mocked_request("GET", "/", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
+        assert h.lb.client_ip(app_request) == "198.51.100.7"
+
+
+# --------------------------------------------------------------------------- issue 11 items 10-12
+
+
+async def post_strategy(h: Harness, **kwargs: Any) -> tuple[int, Any]:
+    async with h.client.post(h.url + "/change_strategy", **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+@async_test
+async def test_change_strategy_takes_json_only(backends: list[str]) -> None:
+    """A cross-site HTML form (text/plain, urlencoded) cannot switch the strategy."""
+    async with running_lb(make_config(backends, checks=False)) as h:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            status, error = await post_strategy(
+                h, data=b'{"strategy": "least_connections"}', headers={"Content-Type": content_type}
+            )
+            assert (status, error["error"]) == (415, "unsupported_media_type"), content_type
+        assert h.lb.strategy.name == "round_robin"
+
+
+@async_test
+async def test_change_strategy_requires_the_admin_token_when_set(backends: list[str]) -> None:
+    config = load_config(parse_args(["--backends", backends[0]]), {"LB_ADMIN_TOKEN": "s3cret-token"})
+    config.health_check.enabled = False
+    async with running_lb(config) as h:
+        body = {"strategy": "least_connections"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            status, error = await post_strategy(h, json=body, headers=headers)
+            assert (status, error["error"]) == (401, "unauthorized"), headers
+        assert h.lb.strategy.name == "round_robin"
+        status, answer = await post_strategy(h, json=body, headers={"Authorization": "Bearer s3cret-token"})
+        assert (status, answer) == (200, {"strategy": "least_connections"})
+
+
+class PeerTransport:
+    """Just enough of a transport for ``request.remote``: the socket peer's address."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer, 40000) if name == "peername" else default
+
+
+@pytest.mark.parametrize("peer", ["203.0.113.7", "192.0.2.2", "::ffff:8.8.8.8", "2001:db8::1"])
+def test_without_a_token_only_loopback_callers_may_change_the_balancer(peer: str) -> None:
+    from load_balancer import Forbidden, require_admin
+
+    lb = Balancer(make_config(["http://127.0.0.1:9"], checks=False))
+    for local in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        require_admin(make_mocked_request("POST", "/change_strategy", transport=PeerTransport(local)), lb)
+    remote = make_mocked_request(
+        "POST", "/change_strategy", headers={"X-Forwarded-For": "127.0.0.1"}, transport=PeerTransport(peer)
+    )
+    with pytest.raises(Forbidden):  # X-Forwarded-For claiming loopback changes nothing
+        require_admin(remote, lb)
+
+
+@async_test
+async def test_mock_backend_admin_routes_are_not_reachable_through_the_balancer(backends: list[str]) -> None:
+    async with running_lb(make_config(backends[:1], checks=False)) as h:
+        for path, body in (("/admin/health", {"healthy": False}), ("/admin/delay", {"delay_ms": 5000})):
+            async with h.client.post(h.url + path, json=body) as resp:
+                assert resp.status == 403 and (await resp.json())["error"] == "forbidden", path
+    assert requests.get(backends[0] + "/health", timeout=5).status_code == 200  # still healthy
+    assert requests.post(backends[0] + "/admin/delay", json={"delay_ms": 0}, timeout=5).status_code == 200  # direct
+
+
+def test_mock_backend_admin_routes_through_a_proxy_take_lb_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mock_backends
+
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "tok-123")
+    client = mock_backends.create_app("backend-1", 5001).test_client()
+    proxied = {"X-Forwarded-For": "198.51.100.1"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=proxied).status_code == 403
+    wrong = {**proxied, "Authorization": "Bearer nope"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=wrong).status_code == 403
+    right = {**proxied, "Authorization": "Bearer tok-123"}
+    assert client.post("/admin/health", json={"healthy": False}, headers=right).status_code == 200
+    assert client.get("/health").status_code == 503
+
+
+@async_test
+@pytest.mark.parametrize(
+    "target", [b"http://169.254.169.254/latest/meta-data?x=1", b"HTTP://169.254.169.254:80/latest/meta-data?x=1"]
+)
+async def test_absolute_form_target_reaches_the_backend_in_origin_form_only(target: bytes) -> None:
+    backend = RecordingBackend()
+    request = b"GET %b HTTP/1.1\r\nHost: lb.example\r\nConnection: close\r\n\r\n" % target
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        answer = await raw_exchange(h.url, request)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert backend.request_lines == [b"GET /latest/meta-data?x=1 HTTP/1.1"]
+    assert b"169.254.169.254" not in backend.heads[0]
+    assert b"x-forwarded-host: lb.example" in backend.heads[0].lower()
+
+
+async def trickle(port: int, opened: asyncio.Event, count: list[int]) -> bool:
+    """A slowloris client: a request head one header line at a time, never finished. True if the balancer hung up."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    count[0] += 1
+    if count[0] >= 300:
+        opened.set()
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: lb\r\n")
+        for i in range(600):  # up to a minute of trickling, far beyond the head timeout
+            writer.write(b"X-Slow-%d: 1\r\n" % i)
+            await writer.drain()
+            try:
+                async with asyncio.timeout(0.1):
+                    if await reader.read(1) == b"":
+                        return True
+            except TimeoutError:
+                continue
+        return False
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+@async_test
+async def test_trickling_connections_are_capped_and_timed_out_and_a_normal_request_is_served(
+    backends: list[str],
+) -> None:
+    config = make_config(backends[:1], checks=False, max_connections=100, request_head_timeout=1.0)
+    async with running_lb(config) as h:
+        port = int(h.url.rsplit(":", 1)[1])
+        opened, count = asyncio.Event(), [0]
+        attack = [asyncio.create_task(trickle(port, opened, count)) for _ in range(300)]
+        async with asyncio.timeout(20):
+            await opened.wait()
+        guard = h.lb.guard
+        assert len(guard.open) <= 100  # the cap held
+        async with asyncio.timeout(5):  # served while the attack goes on, well before the head timeout
+            status, _, body = await h.get("/")
+        assert status == 200 and body["server"] == "backend-1"
+        async with asyncio.timeout(30):
+            hung_up = await asyncio.gather(*attack)
+        assert all(hung_up)  # every trickler was evicted or timed out, none kept a slot
+        stats = (await h.get("/stats"))[2]["connections"]
+    assert stats["evicted"] >= 1 and stats["head_timeouts"] >= 1
+    assert stats["evicted"] + stats["head_timeouts"] >= 200  # at most 100 were open at a time
+    assert stats["max"] == 100

@@ -140,6 +140,33 @@ def test_bytes_route_streams_exactly_n_bytes(backends: list[str]) -> None:
     assert total == 3_000_000
 
 
+def test_stream_route_is_chunked_without_content_length(backends: list[str]) -> None:
+    """Raw bytes on one keep-alive connection: the framing itself, not what a client library makes of it."""
+    port = int(backends[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /stream?n=2500&chunk=1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(65536)
+            assert data, f"connection closed before the last chunk: {raw!r}"
+            raw += data
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    fields = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+    assert b"content-length" not in fields
+    assert b"transfer-encoding: chunked" in head.lower()
+    body, rest = b"", chunked
+    while (size := int(rest.split(b"\r\n", 1)[0], 16)) > 0:
+        rest = rest.split(b"\r\n", 1)[1]
+        body, rest = body + rest[:size], rest[size + 2 :]
+    assert body == (b"0123456789" * 250)
+
+
+def test_stream_route_through_requests_gives_every_byte(backends: list[str]) -> None:
+    response = requests.get(backends[0] + "/stream?n=12345&chunk=777", timeout=10)
+    assert response.status_code == 200 and "Content-Length" not in response.headers
+    assert response.content == bytes(48 + i % 10 for i in range(12345))
+
+
 def consecutive_free_ports() -> int:
     """A port whose successor is free too (bounded search; the OS may still race us)."""
     for _ in range(50):
