@@ -44,6 +44,7 @@ from errors import ApiError, bad_request
 from limiter import LimitResult, RateLimiter, RequestDecision, StoreUnavailable
 from log_manager import AbuseDetector, Alert, BatchWriter, RequestLogger, configure_logging
 from notifier import Notifier
+from policy import Policy, load_policy
 
 log = logging.getLogger("ratelimiter")
 
@@ -180,6 +181,7 @@ class Services:
     flusher: threading.Thread | None = None
     active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    rules: Policy | None = None  # RATELIMIT_POLICY; None: the tier limits over one window, as before
 
     def now(self) -> dt.datetime:
         """The injected clock as a naive UTC datetime, the form usage buckets are stored in."""
@@ -1274,6 +1276,8 @@ def run_flusher(svc: Services) -> None:
 # --- factory -----------------------------------------------------------------------------------
 
 def build_services(config: Config, clock: Callable[[], float]) -> Services:
+    # A bad policy file stops start-up (PolicyError is a ConfigError) before anything is opened.
+    rules = load_policy(config.policy_path, config.tier_limits, config.window_seconds) if config.policy_path else None
     engine = db.open_database(config.database_url)
     limiter = RateLimiter.from_config(config, clock=clock)
     request_logger = RequestLogger.from_config(config)
@@ -1286,6 +1290,7 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
                                name="request-log-writer"),
         alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
                                  name="alert-writer"),
+        rules=rules,
     )
     svc.events = EventBus(svc)
     svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert), clock=clock)
