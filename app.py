@@ -69,6 +69,7 @@ class KeyRecord:
     user_id: int
     prefix: str
     name: str
+    expires_at: float | None = None  # epoch seconds; immutable, so the per-process cache may hold it
 
 
 class KeyDirectory:
@@ -106,12 +107,12 @@ class KeyDirectory:
         c = db.api_keys.c
         with self._engine.connect() as conn:
             row = conn.execute(
-                sa.select(c.id, c.user_id, c.prefix, c.name, c.key_hash)
+                sa.select(c.id, c.user_id, c.prefix, c.name, c.key_hash, c.expires_at)
                 .where(c.key_hash == key_hash, c.revoked_at.is_(None))
             ).first()
         record = None
         if row is not None and hmac.compare_digest(row.key_hash, key_hash):
-            record = KeyRecord(row.id, row.user_id, row.prefix, row.name)
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, db.epoch(row.expires_at))
         with self._lock:
             if record is None:
                 self._misses[key_hash] = self._clock() + self._miss_ttl
@@ -406,6 +407,12 @@ def resolve_key(svc: Services, raw_key: str | None, ip: str | None) -> tuple[Key
         raise ApiError(401, "invalid_api_key", "The API key is not valid")
     g.key_prefix = record.prefix
     g.user_id = record.user_id
+    if record.expires_at is not None and svc.clock() >= record.expires_at:
+        if ip is not None:
+            g.ip_checked = True
+            ip_guard(svc, ip)
+        raise ApiError(401, "api_key_expired", "This API key has expired; create a new one",
+                       expired_at=db.iso(db.from_epoch(record.expires_at)))
     return record, ip
 
 
@@ -499,7 +506,8 @@ def user_json(row: Any) -> dict[str, Any]:
 
 def key_json(row: Any) -> dict[str, Any]:
     return {"id": row.id, "prefix": row.prefix, "name": row.name, "tier": row.tier, "blocked": bool(row.blocked),
-            "created_at": db.iso(row.created_at), "last_used_at": db.iso(row.last_used_at)}
+            "created_at": db.iso(row.created_at), "last_used_at": db.iso(row.last_used_at),
+            "expires_at": db.iso(row.expires_at)}
 
 
 def credentials(body: dict[str, Any]) -> tuple[str, str]:
@@ -632,6 +640,7 @@ def create_api_key() -> tuple[Response, int]:
     svc = services()
     body = json_body(optional=True)
     name = (str_field(body, "name", required=False, max_len=100) or "").strip()
+    expires_at = parse_timestamp(body, "expires_at", after=svc.clock())
     new_key = auth.generate_api_key()
     now = db.utcnow()
     with svc.engine.begin() as conn:
@@ -644,12 +653,29 @@ def create_api_key() -> tuple[Response, int]:
             raise ApiError(409, "too_many_keys", f"An account may hold at most {MAX_KEYS_PER_USER} active keys")
         key_id = conn.execute(db.api_keys.insert().values(
             user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
-            created_at=now,
+            created_at=now, expires_at=expires_at,
         ).returning(db.api_keys.c.id)).scalar_one()
     svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
     return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
-                   created_at=db.iso(now),
+                   created_at=db.iso(now), expires_at=db.iso(expires_at),
                    message="Store this key now: it is shown only once"), 201
+
+
+def parse_timestamp(body: dict[str, Any], name: str, *, after: float) -> dt.datetime | None:
+    """An optional ISO 8601 field as naive UTC; 400 unless it lies after ``after`` (epoch seconds)."""
+    raw = str_field(body, name, required=False, max_len=40)
+    if raw is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        epoch = db.epoch(value)
+    except (ValueError, OverflowError):
+        raise bad_request(name, f"'{name}' must be an ISO 8601 timestamp, e.g. 2026-12-31T23:59:59Z") from None
+    if epoch is None or epoch <= after:
+        raise bad_request(name, f"'{name}' must lie in the future")
+    return value
 
 
 @auth_bp.delete("/api_keys/<int(max=2147483647):key_id>")
@@ -724,9 +750,10 @@ def usage() -> Response:
     record, result, tier = peek_key(svc, api_key_from_request())
     today = dt.datetime.combine(svc.now().date(), dt.time())
     totals = svc.usage.totals(f"k:{record.id}", today)
+    expires_at = db.iso(db.from_epoch(record.expires_at)) if record.expires_at is not None else None
     return jsonify(key_prefix=record.prefix, tier=tier, limit=result.limit, used=result.limit - result.remaining,
                    remaining=result.remaining, window_seconds=svc.config.window_seconds,
-                   reset_epoch=epoch_ceil(result.reset), totals=totals)
+                   reset_epoch=epoch_ceil(result.reset), totals=totals, expires_at=expires_at)
 
 
 @sdk_bp.get("/sdk.js", defaults={"filename": "ratelimiter-sdk.js"})

@@ -67,6 +67,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "malformed_json": (400, "The body is not valid JSON, not an object, or holds an unpaired surrogate"),
     "missing_api_key": (401, "No API key in X-API-Key, ?api_key= or the body"),
     "invalid_api_key": (401, "The API key is unknown or revoked"),
+    "api_key_expired": (401, "The API key's expires_at has passed; `expired_at` says when"),
     "missing_token": (401, "No Authorization: Bearer <access_token> header"),
     "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its user is gone"),
     "token_expired": (401, "The token has expired"),
@@ -107,8 +108,9 @@ RETRY_CODES = {"rate_limit_exceeded", "ip_banned", "too_many_registrations", "to
                "limiter_unavailable"}
 
 AUTH_ERRORS: dict[str, dict[int, list[str]]] = {
-    "key": {401: ["missing_api_key", "invalid_api_key"], 403: ["api_key_blocked"]},
-    "key_or_jwt": {401: ["missing_api_key", "invalid_api_key", "invalid_token", "token_expired", "token_revoked"],
+    "key": {401: ["missing_api_key", "invalid_api_key", "api_key_expired"], 403: ["api_key_blocked"]},
+    "key_or_jwt": {401: ["missing_api_key", "invalid_api_key", "api_key_expired", "invalid_token", "token_expired",
+                         "token_revoked"],
                    403: ["api_key_blocked"]},
     "jwt": {401: ["missing_token", "invalid_token", "token_expired", "token_revoked"]},
     "admin": {401: ["missing_admin_token", "invalid_admin_token"], 403: ["forbidden"]},
@@ -165,7 +167,9 @@ BODIES: dict[str, Schema] = {
     "Login": obj({"username": string(maxLength=64), "password": string(maxLength=1024)}),
     "Refresh": obj({"refresh_token": string(maxLength=4096)}),
     "Logout": obj({}, {"refresh_token": nullable_string(maxLength=4096, description="also revoke this login")}),
-    "CreateKey": obj({}, {"name": nullable_string(maxLength=100, examples=["production"])}),
+    "CreateKey": obj({}, {"name": nullable_string(maxLength=100, examples=["production"]),
+                          "expires_at": nullable_string(format="date-time", maxLength=40, examples=[ISO_EXAMPLE],
+                                                        description="ISO 8601; must lie in the future")}),
     "SdkCheck": obj({"api_key": string()}, {"endpoint": nullable_string(maxLength=500, examples=["/data"])}),
     "SdkTrack": obj(
         {"api_key": string(), "endpoint": string(maxLength=500, examples=["/data"])},
@@ -189,7 +193,8 @@ BODIES: dict[str, Schema] = {
 USER = obj({"id": ID, "username": string(), "email": nullable_string(), "tier": ref("Tier"),
             "created_at": TIMESTAMP})
 API_KEY = obj({"id": ID, "prefix": string(), "name": string(), "tier": ref("Tier"), "blocked": {"type": "boolean"},
-               "created_at": TIMESTAMP, "last_used_at": NULLABLE_TIMESTAMP})
+               "created_at": TIMESTAMP, "last_used_at": NULLABLE_TIMESTAMP},
+              {"expires_at": NULLABLE_TIMESTAMP})
 TOKENS: dict[str, Schema] = {
     "access_token": string(description="JWT, send as Authorization: Bearer"),
     "refresh_token": string(description="JWT, single use: POST /auth/refresh"),
@@ -233,7 +238,8 @@ SCHEMAS: dict[str, Schema] = {
     "KeyUsage": obj({"key_prefix": string(), "tier": ref("Tier"), "limit": integer(minimum=1),
                      "used": integer(minimum=0), "remaining": integer(minimum=0),
                      "window_seconds": integer(minimum=1), "reset_epoch": integer(),
-                     "totals": obj({"today": integer(minimum=0), "all_time": integer(minimum=0)})}),
+                     "totals": obj({"today": integer(minimum=0), "all_time": integer(minimum=0)})},
+                    {"expires_at": NULLABLE_TIMESTAMP}),
     "SdkCheck": obj({"allowed": {"type": "boolean"}, "limit": integer(minimum=1), "remaining": integer(minimum=0),
                      "reset_epoch": integer(), "retry_after": integer(minimum=0)}, {"tier": ref("Tier")}),
     "SdkTrack": obj({"tracked": {"const": True}, "limit": integer(minimum=1), "remaining": integer(minimum=0),
@@ -242,7 +248,7 @@ SCHEMAS: dict[str, Schema] = {
     "ApiKeys": obj({"api_keys": array(ref("ApiKey"))}),
     "CreatedKey": obj({"api_key": string(description="the full key; shown only in this response"),
                        "id": ID, "prefix": string(), "name": string(), "tier": ref("Tier"),
-                       "created_at": TIMESTAMP}, {"message": string()}),
+                       "created_at": TIMESTAMP}, {"message": string(), "expires_at": NULLABLE_TIMESTAMP}),
     "Message": obj({"message": string()}),
     "RevokedKey": obj({"message": string(), "key": obj({"id": ID, "prefix": string(), "revoked": {"const": True}})}),
     "Metrics": {"allOf": [METRICS, obj(
