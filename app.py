@@ -1306,7 +1306,7 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
     # A bad policy file stops start-up (PolicyError is a ConfigError) before anything is opened.
     rules = load_policy(config.policy_path, config.tier_limits, config.window_seconds) if config.policy_path else None
     engine = db.open_database(config.database_url)
-    limiter = RateLimiter.from_config(config, clock=clock)
+    limiter = RateLimiter.from_config(config, clock=clock, rules=rules)
     request_logger = RequestLogger.from_config(config)
     svc = Services(
         config=config, engine=engine, limiter=limiter, clock=clock,

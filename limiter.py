@@ -14,10 +14,12 @@ fine on standalone Redis (and Sentinel), not on Redis Cluster.
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import itertools
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -69,6 +71,7 @@ class RequestDecision(NamedTuple):
     blocked: bool
     meta_missing: bool
     flags: dict[str, bool]
+    needs_policy: bool = False  # an override or credits apply: ask check_policy (nothing was counted)
 
 
 class StoreUnavailable(Exception):
@@ -236,9 +239,12 @@ end
 local tier, blocked, limit = '', 0, 0
 -- ARGV[4]: '0' no subject, '1' count the request against it, '2' peek (same answer, nothing written)
 if ARGV[4] ~= '0' then
-  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked')
+  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovx', 'cr')
   if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
   tier, blocked = m[1], tonumber(m[2]) or 0
+  -- an active override or credits: decided by the policy script instead (nothing counted here)
+  local ovx = tonumber(m[3])
+  if (ovx and (ovx == 0 or ovx > now)) or m[4] then return finish({ip_code, 0, bans, 4, '', 0, 0, 0, 0, 0, 0}) end
   limit = LIMITS[tier] or DEFAULT_LIMIT
 end
 if ip ~= '' then
@@ -266,6 +272,175 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return active and 1 or 0
 """
+
+# KEYS: ban, ban history, ip log, ban index, meta, credits, flags...
+# ARGV: now, nonce, ip ('' = exempt), mode ('0' no subject, '1' count, '2' peek), cost, day period,
+# month period, number of route limits, then per route limit: quota, window, shadow (0/1), key suffix.
+# Every limit that applies (the tier's, or the subject's override, plus the route's) is checked first
+# with nothing written; only when every enforced limit admits (and credits suffice) are all of them
+# spent, in the same script: all or nothing. Limit keys share the subject's hash tag; their names are
+# built here from the meta key (``rl:{k:42}:meta`` -> ``rl:{k:42}:sw:86400``).
+LUA_POLICY_CHECK = string.Template("""
+local TIERS, DEFAULT_TIER, SHADOW = $tiers, $default_tier, $shadow
+local IP_LIMIT, IP_WINDOW, BAN_US, BAN_MULT, BAN_CAP = $ip_limit, $ip_window, $ban_us, $ban_multiplier, $ban_cap
+local now, nonce, ip, mode, cost = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local flags, flagged = {}, false
+for i = 7, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[i]))
+  if v and v > now then flags[#flags + 1] = 1; flagged = true else flags[#flags + 1] = 0 end
+end
+local function finish(out)
+  for i = 1, #flags do out[#out + 1] = flags[i] end
+  return out
+end
+local ip_code, bans = 0, 0
+if ip ~= '' then
+  local until_ = tonumber(redis.call('GET', KEYS[1])) or 0
+  bans = ban_count(KEYS[2], now)
+  if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, 0}) end
+  ip_code = 1
+end
+local m = {}
+if mode ~= '0' then
+  m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovr', 'ovx', 'cr')
+  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0}) end
+end
+if ip ~= '' then
+  local r = sliding_window(KEYS[3], now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
+  if r[1] == 0 then
+    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
+    return finish({3, u, n, 0, '', 0, 0, 0, 0, 0})
+  end
+end
+if mode == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0}) end
+local tier, blocked = m[1], tonumber(m[2]) or 0
+if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0}) end
+local base = string.sub(KEYS[5], 1, -5)
+local L = {}
+local ovx = tonumber(m[4])
+if m[3] and ovx and (ovx == 0 or ovx > now) then
+  local i = 0
+  for q, w, sfx in string.gmatch(m[3], '(%d+):(%d+):([^,]+)') do
+    i = i + 1
+    L[i] = {3, i, tonumber(q), tonumber(w), 0, sfx}
+  end
+else
+  for i, t in ipairs(TIERS[tier] or TIERS[DEFAULT_TIER]) do L[i] = {1, i, t[1], t[2], t[3], t[4]} end
+end
+for i = 1, tonumber(ARGV[8]) do
+  local j = 5 + 4 * i
+  L[#L + 1] = {2, i, tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), ARGV[j + 3]}
+end
+local ok, raws = 1, {}
+for i, l in ipairs(L) do
+  local r = $strategy(base .. l[6], now, l[3], l[4], cost, 0, nonce)
+  raws[i] = r
+  if r[1] == 0 and l[5] == 0 and SHADOW == 0 then ok = 0 end
+end
+local ccode, left, period = 0, 0, nil
+if m[5] then
+  local c = redis.call('HMGET', KEYS[6], 'n', 'a', 'e', 'p')
+  left = tonumber(c[1]) or 0
+  if c[2] and c[3] then
+    period = c[3] == 'month' and ARGV[7] or ARGV[6]
+    if c[4] ~= period then left = tonumber(c[2]) end
+  end
+  ccode = left >= cost and 1 or 2
+end
+if ok == 1 and ccode == 2 then ok = 0 end
+if ok == 1 and mode == '1' then
+  for i, l in ipairs(L) do
+    if raws[i][1] == 1 then raws[i] = $strategy(base .. l[6], now, l[3], l[4], cost, 1, nonce) end
+  end
+  if ccode == 1 then
+    left = left - cost
+    redis.call('HSET', KEYS[6], 'n', num(left))
+    if period then redis.call('HSET', KEYS[6], 'p', period) end
+  end
+end
+local out = {ip_code, 0, bans, 2, tier, 0, ok, ccode, left, #L}
+for i, l in ipairs(L) do
+  local r = raws[i]
+  for _, v in ipairs({l[1], l[2], l[3], l[4], l[5], r[1], r[2], r[3], r[4]}) do out[#out + 1] = v end
+end
+return finish(out)
+""")
+
+# KEYS meta; ARGV override ('' none), its expiry (0 never), credits ('1'/'0'). Only an existing meta is
+# changed: a missing one is reloaded from the database, these fields included, on the next request.
+LUA_POLICY_META = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'ovr', 'ovx', 'cr')
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ovr', ARGV[1], 'ovx', ARGV[2]) end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'cr', '1') end
+return 1
+"""
+SOURCES = ("", "tier", "route", "override")
+HEADER = 10  # fields of a policy check reply before the per-limit groups
+GROUP = 9  # fields per limit: source, index, quota, window, shadow, allowed, a, b, c
+
+
+class RuleLimit(NamedTuple):
+    """One limit as the stores get it: window in microseconds, key suffix after ``rl:{k:42}:``."""
+
+    quota: int
+    window: int
+    shadow: int
+    suffix: str
+
+
+class LimitOutcome(NamedTuple):
+    """How one limit of a policy decision answered; ``shadow`` limits report but never refuse."""
+
+    name: str
+    source: str
+    quota: int
+    window: int
+    shadow: bool
+    result: LimitResult
+
+
+class PolicyDecision(NamedTuple):
+    """A multi-limit decision. ``result`` is the limit to report (the refusing one, else the one
+    closest to refusal); ``allowed`` False with ``credits_exhausted`` means only credits refused."""
+
+    ip: IpDecision | None
+    result: LimitResult | None
+    tier: str | None
+    blocked: bool
+    meta_missing: bool
+    flags: dict[str, bool]
+    allowed: bool = True
+    limits: tuple[LimitOutcome, ...] = ()
+    reported: LimitOutcome | None = None
+    credits: int | None = None
+    credits_exhausted: bool = False
+    shadow_refused: tuple[LimitOutcome, ...] = ()
+
+
+def _needs_policy(meta: tuple, now: int) -> bool:
+    """A memory meta tuple (tier, blocked, override, its expiry, credits) with an active override or credits."""
+    return (meta[2] is not None and (meta[3] == 0 or meta[3] > now)) or bool(meta[4])
+
+
+NEVER_US = 2**62  # memory-store expiry of entries that never expire (credits)
+_OVERRIDE_RE = re.compile(r"(\d+):(\d+):([^,]+)")
+
+
+def parse_override(text: str) -> list[RuleLimit]:
+    """The meta's override field, ``quota:window_us:suffix,...``, as the script's gmatch reads it."""
+    return [RuleLimit(int(q), int(w), 0, sfx) for q, w, sfx in _OVERRIDE_RE.findall(text)]
+
+
+def encode_override(limits: Sequence[RuleLimit]) -> str:
+    return ",".join(f"{limit.quota}:{limit.window}:{limit.suffix}" for limit in limits)
+
+
+def _periods(now: int) -> tuple[str, str]:
+    """Credit refill periods of clock time ``now`` (us): UTC day number and month number."""
+    seconds = now // US
+    day = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return str(seconds // 86400), str(day.year * 12 + day.month - 1)
 
 
 class Strategy:
@@ -555,7 +730,9 @@ class MemoryStore:
             meta = self._get(keys[4], now)
             if meta is None:
                 return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0, 0]
-            tier, blocked = meta
+            tier, blocked = meta[0], meta[1]
+            if len(meta) > 2 and _needs_policy(meta, now):  # override or credits: the policy path decides
+                return [ip_code, 0, bans, 4, "", 0, 0, 0, 0, 0, 0]
             limit = policy.tier_limits.get(tier, policy.default_limit)
         if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
             n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
@@ -569,7 +746,112 @@ class MemoryStore:
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
         with self._lock:
-            self._put(key, (tier, int(blocked)), now + META_TTL_US)
+            old = self._get(key, now)
+            self._put(key, (tier, int(blocked), *(old[2:] if old else ())), now + META_TTL_US)
+
+    # ---- policy decisions (several limits, cost, overrides, credits): see LUA_POLICY_CHECK
+    rules: dict[str, list[RuleLimit]] = {}
+    rules_default = "free"
+    rules_shadow = 0
+
+    def configure_policy(self, tiers: dict[str, list[RuleLimit]], default_tier: str, shadow: bool) -> None:
+        self.rules, self.rules_default, self.rules_shadow = tiers, default_tier, int(shadow)
+
+    def check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                     routes: Sequence[RuleLimit]) -> list:
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            flags = [int((self._get(k, now) or 0) > now) for k in keys[6:]]
+            out = self._check_policy(keys, now, ip, mode, cost, periods, routes, 1 in flags)
+            out.extend(flags)
+            return out
+
+    def _check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                      routes: Sequence[RuleLimit], flagged: bool) -> list:
+        policy = self.policy
+        ip_code = bans = 0
+        if ip:
+            until = self._get(keys[0], now) or 0
+            bans = self._ban_count(keys[1], now)
+            if until > now:
+                return [2, until, bans, 0, "", 0, 0, 0, 0, 0]
+            ip_code = 1
+        meta = None
+        if mode:
+            meta = self._get(keys[4], now)
+            if meta is None:
+                return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0]
+        if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
+            return [3, until, n, 0, "", 0, 0, 0, 0, 0]
+        if meta is None:
+            return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0]
+        tier, blocked = meta[0], meta[1]
+        if blocked or flagged:
+            return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0]
+        override, expiry, credits_on = meta[2:] if len(meta) > 2 else (None, 0, 0)
+        if override is not None and (expiry == 0 or expiry > now):
+            limits = [(3, i, *limit) for i, limit in enumerate(parse_override(override), 1)]
+        else:
+            tier_rules = self.rules.get(tier) or self.rules[self.rules_default]
+            limits = [(1, i, *limit) for i, limit in enumerate(tier_rules, 1)]
+        limits += [(2, i, *limit) for i, limit in enumerate(routes, 1)]
+        base = keys[4][:-4]
+        ok, raws = 1, []
+        for _, _, quota, window, shadow, suffix in limits:
+            raw = self._apply(self.strategy, base + suffix, now, quota, window, cost, 0)
+            raws.append(raw)
+            if not raw[0] and not shadow and not self.rules_shadow:
+                ok = 0
+        code = left = 0
+        period = None
+        wallet = self._get(keys[5], now) if credits_on else None
+        if credits_on:
+            left = wallet["n"] if wallet else 0
+            if wallet and wallet.get("a") is not None:
+                period = periods[1] if wallet["e"] == "month" else periods[0]
+                if wallet.get("p") != period:
+                    left = wallet["a"]
+            code = 1 if left >= cost else 2
+        if ok and code == 2:
+            ok = 0
+        if ok and mode == 1:
+            for i, (_, _, quota, window, _, suffix) in enumerate(limits):
+                if raws[i][0]:
+                    raws[i] = self._apply(self.strategy, base + suffix, now, quota, window, cost, 1)
+            if code == 1 and wallet is not None:
+                left -= cost
+                wallet["n"] = left
+                if period is not None:
+                    wallet["p"] = period
+        out = [ip_code, 0, bans, 2, tier, 0, ok, code, left, len(limits)]
+        for (source, i, quota, window, shadow, _), raw in zip(limits, raws, strict=True):
+            out.extend((source, i, quota, window, shadow, int(raw[0]), *raw[1:]))
+        return out
+
+    def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
+        with self._lock:
+            meta = self._get(key, now)
+            if meta is not None:
+                self._put(key, (meta[0], meta[1], override or None, expiry, int(credits_on)), self._data[key][0])
+
+    def set_credits(self, key: str, now: int, credits: int, amount: int | None, every: str | None,
+                    period: str) -> None:
+        with self._lock:
+            wallet = {"n": credits, "a": amount, "e": every, "p": period} if amount is not None else {"n": credits}
+            self._put(key, wallet, NEVER_US)
+
+    def peek_credits(self, key: str, now: int, periods: tuple[str, str]) -> int | None:
+        with self._lock:
+            wallet = self._get(key, now)
+            if wallet is None:
+                return None
+            if wallet.get("a") is not None:
+                period = periods[1] if wallet["e"] == "month" else periods[0]
+                if wallet.get("p") != period:
+                    return wallet["a"]
+            return wallet["n"]
 
     def delete_meta(self, key: str, now: int) -> None:
         with self._lock:
@@ -807,6 +1089,45 @@ class RedisStore:
             pipe.hset(key, mapping={"tier": tier, "blocked": int(blocked)}).pexpire(key, META_TTL_US // 1000)
             pipe.execute()
 
+    # ---- policy decisions: see LUA_POLICY_CHECK
+    def configure_policy(self, script: str) -> None:
+        self._scripts["policy"] = LUA_LIBRARY + script
+        self._scripts["policy_meta"] = LUA_POLICY_META
+
+    def check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                     routes: Sequence[RuleLimit]) -> list:
+        args: list[Any] = [now, _nonce(), ip, mode, cost, periods[0], periods[1], len(routes)]
+        for limit in routes:
+            args.extend(limit)
+        out = self._eval("policy", keys, args)
+        if type(out) is not list or len(out) < HEADER or type(out[4]) is not bytes:
+            raise redis.ResponseError(f"unexpected reply to the policy script: {out!r:.80}")
+        out[4] = out[4].decode()
+        return out
+
+    def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
+        self._eval("policy_meta", (key,), (override, expiry, "1" if credits_on else "0"))
+
+    def set_credits(self, key: str, now: int, credits: int, amount: int | None, every: str | None,
+                    period: str) -> None:
+        with self._client.pipeline() as pipe:
+            pipe.delete(key)
+            fields: dict[str, Any] = {"n": credits}
+            if amount is not None:
+                fields.update(a=amount, e=every or "day", p=period)
+            pipe.hset(key, mapping=fields)
+            pipe.execute()
+
+    def peek_credits(self, key: str, now: int, periods: tuple[str, str]) -> int | None:
+        n, amount, every, period = self._client.hmget(key, "n", "a", "e", "p")
+        if n is None:
+            return None
+        if amount is not None and every is not None:
+            current = periods[1] if every == b"month" else periods[0]
+            if (period or b"").decode() != current:
+                return int(amount)
+        return int(n)
+
     def delete_meta(self, key: str, now: int) -> None:
         self._client.delete(key)
 
@@ -852,7 +1173,8 @@ class RedisStore:
 
 # --------------------------------------------------------------------------- the limiter
 
-_REPLAYED = frozenset(("set_meta", "delete_meta", "set_flag", "ban", "unban"))  # writes queued while down
+# writes queued while down
+_REPLAYED = frozenset(("set_meta", "delete_meta", "set_flag", "ban", "unban", "set_policy_meta", "set_credits"))
 
 
 class RateLimiter:
@@ -872,7 +1194,7 @@ class RateLimiter:
     def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
                  tier_limits: dict[str, int], window: int = 60, ip_limit: int = 100, ip_window: int = 60,
                  ban_seconds: int = 300, ban_multiplier: float = 2.0, fail_mode: str = "memory",
-                 key_prefix: str = "rl", clock: Callable[[], float] = time.time) -> None:
+                 key_prefix: str = "rl", clock: Callable[[], float] = time.time, rules: Any = None) -> None:
         if not storage_url.startswith(STORAGE_SCHEMES):
             raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}")
         if fail_mode not in FAIL_MODES:
@@ -892,6 +1214,7 @@ class RateLimiter:
         self._subject_prefix = f"{key_prefix}:{{k:"
         self._strategy_suffix = f"}}:{self.strategy.suffix}"
         self._fallback = MemoryStore(self.keys, self.strategy, self.policy)
+        self._configure_rules(rules)
         self._store: MemoryStore | RedisStore = self._fallback
         self._down = False
         self._probe_delay = PROBE_FIRST_US
@@ -902,18 +1225,19 @@ class RateLimiter:
         if storage_url.startswith("memory://"):
             return
         self._store = RedisStore(storage_url, self.keys, self.strategy, self.policy)
+        self._store.configure_policy(self._policy_script())
         try:
             self._store.ping()
         except STORE_ERRORS as exc:
             self._mark_down(exc, self._now())
 
     @classmethod
-    def from_config(cls, config: Any, clock: Callable[[], float] = time.time) -> RateLimiter:
+    def from_config(cls, config: Any, clock: Callable[[], float] = time.time, rules: Any = None) -> RateLimiter:
         """Build from ``config.Config``."""
         return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
                    ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
                    ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix,
-                   clock=clock)
+                   clock=clock, rules=rules)
 
     @property
     def store_kind(self) -> str:
@@ -973,7 +1297,7 @@ class RateLimiter:
 
     def _queue(self, op: str, args: tuple) -> bool:
         """Queue a write made while down for replay; False if the store is up again (write through)."""
-        if op == "set_meta":  # a cache fill may be stale by recovery: replay it as a delete (reload)
+        if op in ("set_meta", "set_policy_meta"):  # a cache fill may be stale by recovery: replay it as a delete
             entry = ("delete_meta", args[:2])
         elif op == "unban":
             entry = ("unban", (*args, True))
@@ -1075,6 +1399,8 @@ class RateLimiter:
         return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
 
     def _decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], opened: bool) -> RequestDecision:
+        if raw[3] == 4 and not opened:  # the subject has an override or credits: nothing was counted
+            return RequestDecision(None, None, None, False, False, {}, True)
         win = self.policy.window
         ip_code, until, bans, meta_code, tier, blocked, allowed, a, b, c, limit = raw[:11]
         flag_map = {name: bool(v) for name, v in zip(flags, raw[11:], strict=True)}
@@ -1093,6 +1419,120 @@ class RateLimiter:
             result = (LimitResult(True, limit, max(0, limit - 1), (now + win) / US, 0.0) if opened
                       else self.strategy.result((allowed, a, b, c), now, limit, win, 1))
         return RequestDecision(ip_decision, result, tier or None, bool(blocked), meta_code == 1, flag_map)
+
+    # ---- policy decisions: several limits, cost, overrides, credits (one store round trip)
+    def _configure_rules(self, rules: Any) -> None:
+        """Tier limits as the stores enforce them; ``rules`` is a policy.Policy (None: one window per tier)."""
+        from policy import default_policy
+
+        self.rules = rules if rules is not None else default_policy(self.tier_limits, self.window)
+        self.rules_shadow = bool(self.rules.shadow)
+        self._tier_rules = {tier: [RuleLimit(limit.quota, limit.window * US, int(limit.shadow),
+                                             self._limit_suffix(limit.window)) for limit in limits]
+                            for tier, limits in self.rules.tiers.items()}
+        self._tier_names = {tier: [limit.name for limit in limits] for tier, limits in self.rules.tiers.items()}
+        self._rules_default = "free" if "free" in self._tier_rules else next(iter(self._tier_rules))
+        self._fallback.configure_policy(self._tier_rules, self._rules_default, self.rules_shadow)
+
+    def _policy_script(self) -> str:
+        tiers = "{" + ", ".join(
+            f"[{_lua_string(tier)}] = {{" + ", ".join(
+                f"{{{r.quota}, {r.window}, {r.shadow}, {_lua_string(r.suffix)}}}" for r in rules) + "}"
+            for tier, rules in self._tier_rules.items()) + "}"
+        values = {**self.policy._asdict(), "tiers": tiers, "default_tier": _lua_string(self._rules_default),
+                  "shadow": int(self.rules_shadow), "strategy": self.strategy.name,
+                  "ban_multiplier": repr(self.policy.ban_multiplier)}
+        return LUA_POLICY_CHECK.substitute(values)
+
+    def _limit_suffix(self, window: int) -> str:
+        """Key suffix of a tier or override limit: the base window keeps today's key, so switching to a
+        policy file, or to an override, keeps what was counted."""
+        return self.strategy.suffix if window == self.window else f"{self.strategy.suffix}:{window}"
+
+    def rule_limits(self, limits: Sequence[Any], route_index: int | None = None) -> list[RuleLimit]:
+        """policy.Limit objects as the stores take them (route limits get their own keys)."""
+        sfx = self.strategy.suffix
+        return [RuleLimit(limit.quota, limit.window * US, int(limit.shadow),
+                          f"{sfx}:r{route_index}:{limit.window}" if route_index is not None
+                          else self._limit_suffix(limit.window)) for limit in limits]
+
+    def check_policy(self, ip: str | None, subject: str, flags: Sequence[str] = (), *, route: Any = None,
+                     cost: int = 1, consume: bool = True) -> PolicyDecision:
+        """Like check_request, with every limit that applies in one atomic store call: the tier's
+        (or the subject's override), the route's extra limits, and the key's credits. All are
+        spent (``cost`` units each) or none is."""
+        if cost < 1:
+            raise ValueError("cost must be >= 1")
+        now = round(self._clock() * US)
+        keys = self.keys.check_keys(ip, subject, "cr", flags)
+        routes = self.rule_limits(route.limits, route.index) if route is not None and route.limits else []
+        args = (keys, now, ip or "", 1 if consume else 2, cost, _periods(now), routes)
+        if not self._down:
+            try:
+                return self._policy_decision(self._store.check_policy(*args), now, ip, flags, route, cost, False)
+            except STORE_ERRORS as exc:
+                self._mark_down(exc, now)
+        raw, degraded = self._exec("check_policy", *args)
+        return self._policy_decision(raw, now, ip, flags, route, cost, degraded and self.fail_mode == "open")
+
+    def _policy_decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], route: Any, cost: int,
+                         opened: bool) -> PolicyDecision:
+        from policy import limit_name
+
+        ip_code, until, bans, meta_code, tier, blocked, ok, credit_code, left, n = raw[:HEADER]
+        flag_map = {name: bool(v) for name, v in zip(flags, raw[HEADER + n * GROUP:], strict=True)}
+        ip_decision = None
+        if ip is not None:
+            refused = ip_code >= 2 and not opened
+            ip_decision = IpDecision(not refused, refused, max(0, until - now) / US if refused else 0.0, bans,
+                                     ip_code == 3 and not opened)
+            if refused:
+                return PolicyDecision(ip_decision, None, None, False, False, flag_map, False)
+        if meta_code != 2:
+            return PolicyDecision(ip_decision, None, tier or None, bool(blocked), meta_code == 1, flag_map, False)
+        outcomes = []
+        tier_names = self._tier_names.get(tier) or self._tier_names[self._rules_default]
+        for i in range(n):
+            source, index, quota, window, shadow, allowed, a, b, c = raw[HEADER + i * GROUP:HEADER + (i + 1) * GROUP]
+            result = self.strategy.result((allowed or opened, a, b, c), now, quota, window, cost)
+            kind = SOURCES[source]
+            name = (tier_names[index - 1] if kind == "tier" else route.limits[index - 1].name if kind == "route"
+                    else limit_name("override", window // US))
+            outcomes.append(LimitOutcome(name, kind, quota, window // US, bool(shadow) or self.rules_shadow, result))
+        allowed = bool(ok) or opened
+        refusing = [o for o in outcomes if not o.shadow and not o.result.allowed]
+        if refusing and not opened:
+            reported = max(refusing, key=lambda o: o.result.retry_after)
+        else:
+            enforced = [o for o in outcomes if not o.shadow] or outcomes
+            reported = min(enforced, key=lambda o: (o.result.remaining, -o.window))
+        result = reported.result
+        if allowed and not result.allowed:  # a shadow limit: reported as it stands, but admitted
+            result = result._replace(allowed=True, retry_after=0.0)
+        shadow_refused = tuple(o for o in outcomes if o.shadow and not o.result.allowed)
+        return PolicyDecision(ip_decision, result, tier or None, False, False, flag_map, allowed, tuple(outcomes),
+                              reported, left if credit_code else None, credit_code == 2 and not refusing and not opened,
+                              shadow_refused)
+
+    def set_policy_meta(self, subject: str, *, override: Sequence[Any] = (), expires_at: float | None = None,
+                        credits: bool = False) -> None:
+        """Store the subject's override (policy.Limit list, lapsing at ``expires_at`` epoch seconds)
+        and whether it has credits, beside its tier, where every decision reads them."""
+        encoded = encode_override(self.rule_limits(override)) if override else ""
+        expiry = 0 if expires_at is None else round(expires_at * US)
+        self._exec("set_policy_meta", self.keys.subject(subject, "meta"), self._now(), encoded, expiry, credits)
+
+    def set_credits(self, subject: str, credits: int, *, refill: int | None = None, every: str | None = None) -> None:
+        """Set the subject's credit balance, and its refill (``every`` "day" or "month", UTC)."""
+        now = self._now()
+        day, month = _periods(now)
+        self._exec("set_credits", self.keys.subject(subject, "cr"), now, credits, refill, every,
+                   month if every == "month" else day)
+
+    def credits_remaining(self, subject: str) -> int | None:
+        """The subject's credits as the next decision would see them (refill included); None: no credits."""
+        now = self._now()
+        return self._exec("peek_credits", self.keys.subject(subject, "cr"), now, _periods(now))[0]
 
     # ---- meta, flags, bans
     def set_meta(self, subject: str, *, tier: str, blocked: bool) -> None:
