@@ -181,7 +181,8 @@ def test_an_override_is_seen_at_once_by_another_instance(make_app, auth, tmp_pat
     client, key, _ = client_and_key(first, auth)
     other = second.test_client()
     assert get(other, key).status_code == 200  # the second instance has the key cached, and its meta
-    assert admin_post(client, auth, "/admin/overrides", {"key_id": key["id"], "limits": ["2/minute"]}).status_code == 201
+    body = {"key_id": key["id"], "limits": ["2/minute"]}
+    assert admin_post(client, auth, "/admin/overrides", body).status_code == 201
     assert [get(other, key).status_code for _ in range(2)] == [200, 429]
 
 
