@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_notifier import smtp_server  # noqa: F401  (fixture)
+
 STORES = ["memory", "redis"]
 TWO_LIMITS = """
 [tiers]
@@ -291,3 +293,18 @@ def test_a_two_limit_policy_is_exact_across_gunicorn_workers_and_instances(tmp_p
         leftover = list(client.scan_iter(f"{prefix}*"))
         if leftover:
             client.delete(*leftover)
+
+
+def test_low_credits_are_emailed_once(make_app, auth, clock, smtp_server):  # noqa: F811 (fixture)
+    inbox, port = smtp_server()
+    application = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=port, smtp_use_tls=False,
+                           alert_email_to=["ops@example.test"], email_event_cooldown_seconds=0)
+    client, key, _ = client_and_key(application, auth)
+    assert admin_post(client, auth, f"/admin/keys/{key['id']}/credits", {"credits": 10}).status_code == 200
+    for _ in range(10):
+        assert get(client, key).status_code == 200
+        clock.advance(13)
+    assert get(client, key).status_code == 403
+    assert application.extensions["rl"].notifier.close(timeout=10)
+    subjects = [message["Subject"] for message in inbox.messages()]
+    assert subjects == [f"[RateLimiter] Credits running low: {key['prefix']}"]
