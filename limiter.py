@@ -35,6 +35,8 @@ from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
 
+from policy import default_policy, limit_name
+
 log = logging.getLogger(__name__)
 
 US = 1_000_000
@@ -297,46 +299,43 @@ local ip_code, bans = 0, 0
 if ip ~= '' then
   local until_ = tonumber(redis.call('GET', KEYS[1])) or 0
   bans = ban_count(KEYS[2], now)
-  if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, 0}) end
+  if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, '', 0}) end
   ip_code = 1
 end
 local m = {}
 if mode ~= '0' then
   m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovr', 'ovx', 'cr')
-  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0}) end
+  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, '', 0}) end
 end
 if ip ~= '' then
   local r = sliding_window(KEYS[3], now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
   if r[1] == 0 then
     local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
-    return finish({3, u, n, 0, '', 0, 0, 0, 0, 0})
+    return finish({3, u, n, 0, '', 0, 0, 0, 0, '', 0})
   end
 end
-if mode == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0}) end
+if mode == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, '', 0}) end
 local tier, blocked = m[1], tonumber(m[2]) or 0
-if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0}) end
+if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, '', 0}) end
 local base = string.sub(KEYS[5], 1, -5)
-local L = {}
+local Q, W, S, K, n, ovr = {}, {}, {}, {}, 0, ''
 local ovx = tonumber(m[4])
 if m[3] and ovx and (ovx == 0 or ovx > now) then
-  local i = 0
-  for q, w, sfx in string.gmatch(m[3], '(%d+):(%d+):([^,]+)') do
-    i = i + 1
-    L[i] = {3, i, tonumber(q), tonumber(w), 0, sfx}
+  ovr = m[3]
+  for q, w, sfx in string.gmatch(ovr, '(%d+):(%d+):([^,]+)') do
+    n = n + 1; Q[n], W[n], S[n], K[n] = tonumber(q), tonumber(w), 0, base .. sfx
   end
 else
-  for i, t in ipairs(TIERS[tier] or TIERS[DEFAULT_TIER]) do L[i] = {1, i, t[1], t[2], t[3], t[4]} end
+  for _, t in ipairs(TIERS[tier] or TIERS[DEFAULT_TIER]) do
+    n = n + 1; Q[n], W[n], S[n], K[n] = t[1], t[2], t[3], base .. t[4]
+  end
 end
 for i = 1, tonumber(ARGV[8]) do
   local j = 5 + 4 * i
-  L[#L + 1] = {2, i, tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), ARGV[j + 3]}
+  n = n + 1
+  Q[n], W[n], S[n], K[n] = tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), base .. ARGV[j + 3]
 end
-local ok, raws = 1, {}
-for i, l in ipairs(L) do
-  local r = $strategy(base .. l[6], now, l[3], l[4], cost, 0, nonce)
-  raws[i] = r
-  if r[1] == 0 and l[5] == 0 and SHADOW == 0 then ok = 0 end
-end
+-- credits first: they do not depend on the limits, and short credits mean nothing is spent
 local ccode, left, period = 0, 0, nil
 if m[5] then
   local c = redis.call('HMGET', KEYS[6], 'n', 'a', 'e', 'p')
@@ -347,10 +346,19 @@ if m[5] then
   end
   ccode = left >= cost and 1 or 2
 end
-if ok == 1 and ccode == 2 then ok = 0 end
-if ok == 1 and mode == '1' then
-  for i, l in ipairs(L) do
-    if raws[i][1] == 1 then raws[i] = $strategy(base .. l[6], now, l[3], l[4], cost, 1, nonce) end
+local record = (mode == '1' and ccode ~= 2) and 1 or 0
+local ok = ccode == 2 and 0 or 1
+local R = {}
+for i = 1, n - 1 do
+  R[i] = $strategy(K[i], now, Q[i], W[i], cost, 0, nonce)
+  if R[i][1] == 0 and S[i] == 0 and SHADOW == 0 then ok = 0 end
+end
+-- the last limit is checked and, when every other one admits, spent in the same call (one pass fewer)
+R[n] = $strategy(K[n], now, Q[n], W[n], cost, ok * record, nonce)
+if R[n][1] == 0 and S[n] == 0 and SHADOW == 0 then ok = 0 end
+if ok == 1 and record == 1 then
+  for i = 1, n - 1 do
+    if R[i][1] == 1 then R[i] = $strategy(K[i], now, Q[i], W[i], cost, 1, nonce) end
   end
   if ccode == 1 then
     left = left - cost
@@ -358,10 +366,10 @@ if ok == 1 and mode == '1' then
     if period then redis.call('HSET', KEYS[6], 'p', period) end
   end
 end
-local out = {ip_code, 0, bans, 2, tier, 0, ok, ccode, left, #L}
-for i, l in ipairs(L) do
-  local r = raws[i]
-  for _, v in ipairs({l[1], l[2], l[3], l[4], l[5], r[1], r[2], r[3], r[4]}) do out[#out + 1] = v end
+local out = {ip_code, 0, bans, 2, tier, 0, ok, ccode, left, ovr, n}
+for i = 1, n do
+  local r = R[i]
+  out[#out + 1] = r[1]; out[#out + 1] = r[2]; out[#out + 1] = r[3]; out[#out + 1] = r[4]
 end
 return finish(out)
 """)
@@ -375,9 +383,8 @@ if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ovr', ARGV[1], 'ovx', ARGV[2]
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'cr', '1') end
 return 1
 """
-SOURCES = ("", "tier", "route", "override")
-HEADER = 10  # fields of a policy check reply before the per-limit groups
-GROUP = 9  # fields per limit: source, index, quota, window, shadow, allowed, a, b, c
+HEADER = 11  # fields of a policy check reply before the per-limit groups (the override applied is the 10th)
+GROUP = 4  # fields per limit (the strategy's raw tuple), in order: tier or override limits, then the route's
 
 
 class RuleLimit(NamedTuple):
@@ -775,59 +782,62 @@ class MemoryStore:
             until = self._get(keys[0], now) or 0
             bans = self._ban_count(keys[1], now)
             if until > now:
-                return [2, until, bans, 0, "", 0, 0, 0, 0, 0]
+                return [2, until, bans, 0, "", 0, 0, 0, 0, "", 0]
             ip_code = 1
         meta = None
         if mode:
             meta = self._get(keys[4], now)
             if meta is None:
-                return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0]
+                return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, "", 0]
         if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
             n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
-            return [3, until, n, 0, "", 0, 0, 0, 0, 0]
+            return [3, until, n, 0, "", 0, 0, 0, 0, "", 0]
         if meta is None:
-            return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, 0]
+            return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, "", 0]
         tier, blocked = meta[0], meta[1]
         if blocked or flagged:
-            return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0]
+            return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, "", 0]
         override, expiry, credits_on = meta[2:] if len(meta) > 2 else (None, 0, 0)
         if override is not None and (expiry == 0 or expiry > now):
-            limits = [(3, i, *limit) for i, limit in enumerate(parse_override(override), 1)]
+            limits, applied = parse_override(override), override
         else:
-            tier_rules = self.rules.get(tier) or self.rules[self.rules_default]
-            limits = [(1, i, *limit) for i, limit in enumerate(tier_rules, 1)]
-        limits += [(2, i, *limit) for i, limit in enumerate(routes, 1)]
-        base = keys[4][:-4]
-        ok, raws = 1, []
-        for _, _, quota, window, shadow, suffix in limits:
-            raw = self._apply(self.strategy, base + suffix, now, quota, window, cost, 0)
-            raws.append(raw)
-            if not raw[0] and not shadow and not self.rules_shadow:
-                ok = 0
+            limits, applied = self.rules.get(tier) or self.rules[self.rules_default], ""
+        if routes:
+            limits = [*limits, *routes]
         code = left = 0
-        period = None
-        wallet = self._get(keys[5], now) if credits_on else None
-        if credits_on:
+        period = wallet = None
+        if credits_on:  # credits first: they do not depend on the limits
+            wallet = self._get(keys[5], now)
             left = wallet["n"] if wallet else 0
             if wallet and wallet.get("a") is not None:
                 period = periods[1] if wallet["e"] == "month" else periods[0]
                 if wallet.get("p") != period:
                     left = wallet["a"]
             code = 1 if left >= cost else 2
-        if ok and code == 2:
-            ok = 0
-        if ok and mode == 1:
-            for i, (_, _, quota, window, _, suffix) in enumerate(limits):
+        record = 1 if mode == 1 and code != 2 else 0
+        ok = 0 if code == 2 else 1
+        base, apply, strategy, shadow_all = keys[4][:-4], self._apply, self.strategy, self.rules_shadow
+        raws = []
+        last = len(limits) - 1
+        for i, (quota, window, shadow, suffix) in enumerate(limits):
+            # the last limit is checked and, when every other one admits, spent in the same call
+            raw = apply(strategy, base + suffix, now, quota, window, cost, ok * record if i == last else 0)
+            raws.append(raw)
+            if not raw[0] and not shadow and not shadow_all:
+                ok = 0
+        if ok and record:
+            for i in range(last):
                 if raws[i][0]:
-                    raws[i] = self._apply(self.strategy, base + suffix, now, quota, window, cost, 1)
+                    quota, window, _, suffix = limits[i]
+                    raws[i] = apply(strategy, base + suffix, now, quota, window, cost, 1)
             if code == 1 and wallet is not None:
                 left -= cost
                 wallet["n"] = left
                 if period is not None:
                     wallet["p"] = period
-        out = [ip_code, 0, bans, 2, tier, 0, ok, code, left, len(limits)]
-        for (source, i, quota, window, shadow, _), raw in zip(limits, raws, strict=True):
-            out.extend((source, i, quota, window, shadow, int(raw[0]), *raw[1:]))
+        out = [ip_code, 0, bans, 2, tier, 0, ok, code, left, applied, len(limits)]
+        for allowed, a, b, c in raws:
+            out += (int(allowed), a, b, c)
         return out
 
     def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
@@ -1100,9 +1110,10 @@ class RedisStore:
         for limit in routes:
             args.extend(limit)
         out = self._eval("policy", keys, args)
-        if type(out) is not list or len(out) < HEADER or type(out[4]) is not bytes:
+        if type(out) is not list or len(out) < HEADER or type(out[4]) is not bytes or type(out[9]) is not bytes:
             raise redis.ResponseError(f"unexpected reply to the policy script: {out!r:.80}")
         out[4] = out[4].decode()
+        out[9] = out[9].decode() if out[9] else ""
         return out
 
     def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
@@ -1423,16 +1434,57 @@ class RateLimiter:
     # ---- policy decisions: several limits, cost, overrides, credits (one store round trip)
     def _configure_rules(self, rules: Any) -> None:
         """Tier limits as the stores enforce them; ``rules`` is a policy.Policy (None: one window per tier)."""
-        from policy import default_policy
-
         self.rules = rules if rules is not None else default_policy(self.tier_limits, self.window)
         self.rules_shadow = bool(self.rules.shadow)
-        self._tier_rules = {tier: [RuleLimit(limit.quota, limit.window * US, int(limit.shadow),
-                                             self._limit_suffix(limit.window)) for limit in limits]
-                            for tier, limits in self.rules.tiers.items()}
-        self._tier_names = {tier: [limit.name for limit in limits] for tier, limits in self.rules.tiers.items()}
+        self._tier_rules = {tier: self.rule_limits(limits) for tier, limits in self.rules.tiers.items()}
+        # per tier: (name, source, quota, window us, window s, shadow) of each limit, in the stores' order
+        self._tier_meta = {tier: self._limit_meta(limits, "tier") for tier, limits in self.rules.tiers.items()}
         self._rules_default = "free" if "free" in self._tier_rules else next(iter(self._tier_rules))
+        self._route_cache: dict[int, tuple[Any, list[RuleLimit], list[tuple]]] = {}
+        self._override_cache: dict[str, list[tuple]] = {}
+        self._period_cache: tuple[int, tuple[str, str]] = (-1, ("", ""))
         self._fallback.configure_policy(self._tier_rules, self._rules_default, self.rules_shadow)
+        # One enforced limit per tier over the base window: the single-limit script decides it exactly as
+        # the policy script would (same keys, same limits), so such decisions take today's path.
+        self._simple = not self.rules_shadow and all(
+            len(limits) == 1 and limits[0].window == self.window and not limits[0].shadow
+            for limits in self.rules.tiers.values())
+        if self._simple and rules is not None:
+            self.tier_limits = {tier: limits[0].quota for tier, limits in self.rules.tiers.items()}
+            self.default_limit = self.tier_limits.get("free", min(self.tier_limits.values()))
+            self.policy = self.policy._replace(tier_limits=self.tier_limits, default_limit=self.default_limit)
+            self._fallback.policy = self.policy
+
+    def _limit_meta(self, limits: Sequence[Any], source: str) -> list[tuple]:
+        return [(limit.name, source, limit.quota, limit.window * US, limit.window, limit.shadow or self.rules_shadow)
+                for limit in limits]
+
+    def _route(self, route: Any) -> tuple[Any, list[RuleLimit], list[tuple]]:
+        """A route's limits as the stores take them, and their meta; cached per route object."""
+        entry = self._route_cache.get(id(route))
+        if entry is None or entry[0] is not route:
+            entry = (route, self.rule_limits(route.limits, route.index), self._limit_meta(route.limits, "route"))
+            if len(self._route_cache) > 1000:
+                self._route_cache.clear()
+            self._route_cache[id(route)] = entry
+        return entry
+
+    def _override_meta(self, encoded: str) -> list[tuple]:
+        meta = self._override_cache.get(encoded)
+        if meta is None:
+            meta = [(limit_name("override", r.window // US), "override", r.quota, r.window, r.window // US, False)
+                    for r in parse_override(encoded)]
+            if len(self._override_cache) > 1000:
+                self._override_cache.clear()
+            self._override_cache[encoded] = meta
+        return meta
+
+    def _periods(self, now: int) -> tuple[str, str]:
+        day = now // DAY_US
+        cached = self._period_cache
+        if cached[0] != day:
+            cached = self._period_cache = (day, _periods(now))
+        return cached[1]
 
     def _policy_script(self) -> str:
         tiers = "{" + ", ".join(
@@ -1461,58 +1513,81 @@ class RateLimiter:
         """Like check_request, with every limit that applies in one atomic store call: the tier's
         (or the subject's override), the route's extra limits, and the key's credits. All are
         spent (``cost`` units each) or none is."""
+        if self._simple and cost == 1 and (route is None or not route.limits):
+            decision = self.check_request(ip, subject, flags, consume=consume)
+            if not decision.needs_policy:  # else nothing was counted: the policy script decides
+                return self._as_policy_decision(decision)
         if cost < 1:
             raise ValueError("cost must be >= 1")
+        entry = self._route(route) if route is not None and route.limits else None
         now = round(self._clock() * US)
         keys = self.keys.check_keys(ip, subject, "cr", flags)
-        routes = self.rule_limits(route.limits, route.index) if route is not None and route.limits else []
-        args = (keys, now, ip or "", 1 if consume else 2, cost, _periods(now), routes)
+        args = (keys, now, ip or "", 1 if consume else 2, cost, self._periods(now), entry[1] if entry else ())
         if not self._down:
             try:
-                return self._policy_decision(self._store.check_policy(*args), now, ip, flags, route, cost, False)
+                return self._policy_decision(self._store.check_policy(*args), now, ip, flags, entry, cost, False)
             except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
         raw, degraded = self._exec("check_policy", *args)
-        return self._policy_decision(raw, now, ip, flags, route, cost, degraded and self.fail_mode == "open")
+        return self._policy_decision(raw, now, ip, flags, entry, cost, degraded and self.fail_mode == "open")
+
+    def _as_policy_decision(self, decision: RequestDecision) -> PolicyDecision:
+        """A single-limit decision in the multi-limit form (one outcome, named after the tier's limit)."""
+        result = decision.result
+        if result is None:
+            return PolicyDecision(decision.ip, None, decision.tier, decision.blocked, decision.meta_missing,
+                                  decision.flags, False)
+        name, source, quota, _, window, shadow = (self._tier_meta.get(decision.tier or "")
+                                                  or self._tier_meta[self._rules_default])[0]
+        outcome = _new_tuple(LimitOutcome, (name, source, quota, window, shadow, result))
+        return _new_tuple(PolicyDecision, (decision.ip, result, decision.tier, False, False, decision.flags,
+                                           result.allowed, (outcome,), outcome, None, False, ()))
 
     def _policy_decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], route: Any, cost: int,
                          opened: bool) -> PolicyDecision:
-        from policy import limit_name
-
-        ip_code, until, bans, meta_code, tier, blocked, ok, credit_code, left, n = raw[:HEADER]
-        flag_map = {name: bool(v) for name, v in zip(flags, raw[HEADER + n * GROUP:], strict=True)}
+        ip_code, until, bans, meta_code, tier, blocked, ok, credit_code, left, applied, n = raw[:HEADER]
+        flag_map = {name: bool(v) for name, v in zip(flags, raw[HEADER + n * GROUP:], strict=True)} if flags else {}
         ip_decision = None
         if ip is not None:
             refused = ip_code >= 2 and not opened
-            ip_decision = IpDecision(not refused, refused, max(0, until - now) / US if refused else 0.0, bans,
-                                     ip_code == 3 and not opened)
+            ip_decision = _new_tuple(IpDecision, (not refused, refused, max(0, until - now) / US if refused else 0.0,
+                                                  bans, ip_code == 3 and not opened))
             if refused:
                 return PolicyDecision(ip_decision, None, None, False, False, flag_map, False)
         if meta_code != 2:
             return PolicyDecision(ip_decision, None, tier or None, bool(blocked), meta_code == 1, flag_map, False)
-        outcomes = []
-        tier_names = self._tier_names.get(tier) or self._tier_names[self._rules_default]
-        for i in range(n):
-            source, index, quota, window, shadow, allowed, a, b, c = raw[HEADER + i * GROUP:HEADER + (i + 1) * GROUP]
-            result = self.strategy.result((allowed or opened, a, b, c), now, quota, window, cost)
-            kind = SOURCES[source]
-            name = (tier_names[index - 1] if kind == "tier" else route.limits[index - 1].name if kind == "route"
-                    else limit_name("override", window // US))
-            outcomes.append(LimitOutcome(name, kind, quota, window // US, bool(shadow) or self.rules_shadow, result))
+        metas = self._override_meta(applied) if applied else (self._tier_meta.get(tier)
+                                                              or self._tier_meta[self._rules_default])
+        if route is not None:
+            metas = metas + route[2]
+        result_of = self.strategy.result
+        outcomes: list[LimitOutcome] = []
+        refusing = closest = closest_any = None
+        j = HEADER
+        for name, source, quota, window_us, window, shadow in metas:
+            result = result_of((raw[j] or opened, raw[j + 1], raw[j + 2], raw[j + 3]), now, quota, window_us, cost)
+            j += GROUP
+            outcome = _new_tuple(LimitOutcome, (name, source, quota, window, shadow, result))
+            outcomes.append(outcome)
+            rank = (result.remaining, -window)
+            if closest_any is None or rank < closest_any[0]:
+                closest_any = (rank, outcome)
+            if shadow:
+                continue
+            if not result.allowed:
+                if refusing is None or result.retry_after > refusing.result.retry_after:
+                    refusing = outcome
+            elif closest is None or rank < closest[0]:
+                closest = (rank, outcome)
+        reported = refusing or (closest or closest_any or (None, None))[1]
         allowed = bool(ok) or opened
-        refusing = [o for o in outcomes if not o.shadow and not o.result.allowed]
-        if refusing and not opened:
-            reported = max(refusing, key=lambda o: o.result.retry_after)
-        else:
-            enforced = [o for o in outcomes if not o.shadow] or outcomes
-            reported = min(enforced, key=lambda o: (o.result.remaining, -o.window))
-        result = reported.result
-        if allowed and not result.allowed:  # a shadow limit: reported as it stands, but admitted
+        result = reported.result if reported is not None else None
+        if allowed and result is not None and not result.allowed:  # a shadow limit: reported, but admitted
             result = result._replace(allowed=True, retry_after=0.0)
         shadow_refused = tuple(o for o in outcomes if o.shadow and not o.result.allowed)
         return PolicyDecision(ip_decision, result, tier or None, False, False, flag_map, allowed, tuple(outcomes),
-                              reported, left if credit_code else None, credit_code == 2 and not refusing and not opened,
-                              shadow_refused)
+                              reported, left if credit_code else None,
+                              credit_code == 2 and refusing is None and not opened, shadow_refused)
 
     def set_policy_meta(self, subject: str, *, override: Sequence[Any] = (), expires_at: float | None = None,
                         credits: bool = False) -> None:

@@ -20,6 +20,9 @@ T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
 BASE_WINDOW = 10
 RULES = parse_policy({"tiers": {"free": ["3/10 seconds", "5/minute"]}}, "test", TIERS, BASE_WINDOW)
+# one limit over the base window: decided by the single-limit script unless an override or credits apply
+SIMPLE = parse_policy({"tiers": {"free": ["3/10 seconds"]}}, "test", TIERS, BASE_WINDOW)
+RULE_SETS = {"two_limits": RULES, "one_limit": SIMPLE}
 ROUTES = [None, Route(1, "*", "/r", 1, False, (Limit("route1-20s", 2, 20),)),
           Route(2, "*", "/s", 1, False, (Limit("route2-20s", 1, 20, shadow=True),))]
 OVERRIDES = [(), (Limit("override-10s", 4, 10),), (Limit("override-30s", 2, 30), Limit("override-minute", 6, 60))]
@@ -74,6 +77,7 @@ def model_spend(strategy: str, state: dict, key: tuple, now: int, quota: int, wi
 @dataclass
 class Model:
     strategy: str
+    rules: object = RULES
     state: dict = field(default_factory=dict)
     override: tuple = ()
     override_until: int | None = None
@@ -82,7 +86,7 @@ class Model:
     def decide(self, now: int, route: Route | None, cost: int) -> tuple[bool, bool, dict[str, bool]]:
         """(admitted, refused for credits only, per-limit "would admit")."""
         active = self.override and (self.override_until is None or self.override_until > now)
-        limits = [(("w", lim.window), lim) for lim in (self.override if active else RULES.tiers["free"])]
+        limits = [(("w", lim.window), lim) for lim in (self.override if active else self.rules.tiers["free"])]
         if route is not None:
             limits += [(("r", route.index, lim.window), lim) for lim in route.limits]
         admits = {lim.name: model_admits(self.strategy, self.state, key, now, lim.quota, lim.window * US, cost)
@@ -109,7 +113,7 @@ OPS = st.lists(st.one_of(
 
 
 def run_against_model(limiter: RateLimiter, clock: Clock, strategy: str, ops: list) -> None:
-    model = Model(strategy)
+    model = Model(strategy, limiter.rules)
     limiter.set_meta("k:1", tier="free", blocked=False)
     for step, (op, a, b) in enumerate(ops):
         now = round(clock() * US)
@@ -138,27 +142,29 @@ def run_against_model(limiter: RateLimiter, clock: Clock, strategy: str, ops: li
                 assert decision.credits == model.credits, context
 
 
-def make_limiter(url: str, strategy: str, clock: Clock) -> RateLimiter:
-    return RateLimiter(url, strategy, tier_limits=TIERS, window=BASE_WINDOW, clock=clock, rules=RULES,
+def make_limiter(url: str, strategy: str, clock: Clock, rules=RULES) -> RateLimiter:
+    return RateLimiter(url, strategy, tier_limits=TIERS, window=BASE_WINDOW, clock=clock, rules=rules,
                        key_prefix=f"t{uuid.uuid4().hex[:10]}")
 
 
+@pytest.mark.parametrize("rules", list(RULE_SETS))
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
-def test_memory_decisions_match_the_model(strategy, ops):
+def test_memory_decisions_match_the_model(strategy, rules, ops):
     clock = Clock()
-    limiter = make_limiter("memory://", strategy, clock)
+    limiter = make_limiter("memory://", strategy, clock, RULE_SETS[rules])
     run_against_model(limiter, clock, strategy, ops)
 
 
+@pytest.mark.parametrize("rules", list(RULE_SETS))
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
-def test_redis_decisions_match_the_model(strategy, ops):
+def test_redis_decisions_match_the_model(strategy, rules, ops):
     require_redis()
     clock = Clock()
-    limiter = make_limiter(REDIS_URL, strategy, clock)
+    limiter = make_limiter(REDIS_URL, strategy, clock, RULE_SETS[rules])
     try:
         run_against_model(limiter, clock, strategy, ops)
     finally:
@@ -237,3 +243,9 @@ def test_default_path_diverts_to_the_policy_only_for_subjects_with_an_override()
     decision = limiter.check_request(None, "k:1")
     assert decision.needs_policy and decision.result is None
     assert limiter.check_policy(None, "k:1").limits[0].result.remaining == 0  # the diverted call counted nothing
+
+
+def test_a_one_limit_policy_takes_the_single_limit_path():
+    limiter = make_limiter("memory://", "sliding_window", Clock(), SIMPLE)
+    assert limiter._simple and limiter.tier_limits["free"] == 3
+    assert not make_limiter("memory://", "sliding_window", Clock(), RULES)._simple
