@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request, send_from_directory
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import auth
@@ -43,7 +44,7 @@ from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
 from errors import ApiError, bad_request
 from limiter import LimitResult, PolicyDecision, RateLimiter, RequestDecision, StoreUnavailable
-from log_manager import AbuseDetector, Alert, BatchWriter, RequestLogger, configure_logging
+from log_manager import AbuseDetector, Alert, BatchWriter, RefusalSampler, RequestLogger, configure_logging
 from notifier import Notifier
 from policy import Policy, load_policy
 
@@ -183,6 +184,10 @@ class Services:
     flusher: threading.Thread | None = None
     active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    refusal_log: RefusalSampler | None = None
+    analytics_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    analytics_cache: tuple[float, dt.datetime | None, list[Any]] = (0.0, None, [])
+    housekeeping_due: float = 0.0  # svc.clock() time of the next retention pass; 0: not run yet
     rules: Policy | None = None  # RATELIMIT_POLICY; None: the tier limits over one window, as before
     # key id -> (cached at, low-credit threshold, refill period): read once a minute per process
     credit_grants: dict[int, tuple[float, int, str | None]] = dataclasses.field(default_factory=dict)
@@ -500,6 +505,10 @@ def refused_before_the_combined_check(view: Callable[..., Any]) -> Callable[...,
             return view(*args, **kwargs)
         except ApiError as exc:
             if not g.ip_checked and exc.code not in ("ip_banned", "limiter_unavailable"):
+                ip_guard(services(), g.client_ip)
+            raise
+        except HTTPException:  # e.g. a 413 body: a banned IP is refused as such, and the IP counts
+            if not g.ip_checked:
                 ip_guard(services(), g.client_ip)
             raise
 
@@ -1108,11 +1117,20 @@ def list_bans() -> Response:
 
 
 def ip_field(body: dict[str, Any]) -> str:
-    raw = str_field(body, "ip", max_len=64)
+    """The subject an admin ban names: an IPv6 address (or a network inside one subject, as
+    /admin/bans lists it) means its whole /IPV6_PREFIX_LENGTH network, as requests are counted."""
+    raw = str_field(body, "ip", max_len=64).strip()
+    prefix = services().config.ipv6_prefix_length
     try:
-        return str(ipaddress.ip_address(raw.strip()))
+        network = ipaddress.ip_network(raw, strict=False)
     except ValueError:
         raise bad_request("ip", "'ip' must be an IPv4 or IPv6 address") from None
+    if network.num_addresses == 1:
+        return ip_subject(str(network.network_address), prefix)
+    if network.version == 6 and network.prefixlen >= prefix:
+        return ip_subject(str(network.network_address), prefix)
+    raise bad_request("ip", f"'ip' must be an address, or an IPv6 network of at least /{prefix} "
+                            "(IPV6_PREFIX_LENGTH)")
 
 
 @admin_bp.post("/admin/ban_ip")
@@ -1343,25 +1361,67 @@ def prometheus_metrics() -> Response:
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)  # mimetype= would add a second charset
 
 
+ANALYTICS_MAX_MINUTES = 24 * 60
+ANALYTICS_PUBLIC_MINUTES = 180  # without the admin token: the dashboard's widest range
+ANALYTICS_CACHE_SECONDS = 5.0  # anonymous figures are computed at most this often per process
+
+UsageRows = list[tuple[dt.datetime, str, int, int]]
+
+
+def usage_since(svc: Services, since: dt.datetime) -> UsageRows:
+    """(minute, tier, allowed, limited) from ``since`` on: one grouped scan, from which any
+    shorter range's series and tier totals are sliced."""
+    c = db.usage_counters.c
+    svc.usage.flush()
+    with svc.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(c.bucket_start, c.tier, sa.func.sum(c.allowed), sa.func.sum(c.limited))
+            .where(c.bucket_start >= since).group_by(c.bucket_start, c.tier)
+        ).all()
+    return [(row[0], row[1], int(row[2]), int(row[3])) for row in rows]
+
+
+def public_usage(svc: Services, minute: dt.datetime) -> UsageRows:
+    """The anonymous view's rows, shared by every anonymous call for ANALYTICS_CACHE_SECONDS (and
+    the same minute): an anonymous caller cannot make the database scan more than one public
+    range per interval, whatever range or rate it asks for. One computation at a time."""
+    with svc.analytics_lock:
+        cached_at, cached_minute, rows = svc.analytics_cache
+        if cached_minute != minute or not 0 <= svc.clock() - cached_at < ANALYTICS_CACHE_SECONDS:
+            rows = usage_since(svc, minute - dt.timedelta(minutes=ANALYTICS_PUBLIC_MINUTES - 1))
+            svc.analytics_cache = (svc.clock(), minute, rows)
+        return rows
+
+
 @metrics_bp.get("/api/analytics")
 def api_analytics() -> Response:
-    """Request volume per minute (allowed vs limited) and per tier; detail for admins only."""
+    """Request volume per minute (allowed vs limited) and per tier; detail for admins only.
+
+    Anonymous callers get up to ANALYTICS_PUBLIC_MINUTES from a short cache; admins any range
+    up to a day, fresh."""
     svc = services()
-    minutes = int_arg("minutes", 60, maximum=24 * 60)
-    svc.usage.flush()
+    admin = auth.bearer_token() is not None
+    if admin:
+        g.admin_actor = auth.admin_actor()
+    minutes = int_arg("minutes", 60, maximum=ANALYTICS_MAX_MINUTES)
+    if not admin and minutes > ANALYTICS_PUBLIC_MINUTES:
+        raise bad_request("minutes", f"'minutes' must be at most {ANALYTICS_PUBLIC_MINUTES} without the admin "
+                                     f"token (at most {ANALYTICS_MAX_MINUTES} with it)")
     # The usage buckets are stamped with the app's clock, so the window must be measured by it too.
-    since = (svc.now() - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
-    c = db.usage_counters.c
-    with svc.engine.connect() as conn:
-        series = conn.execute(
-            sa.select(c.bucket_start, sa.func.sum(c.allowed), sa.func.sum(c.limited))
-            .where(c.bucket_start >= since).group_by(c.bucket_start).order_by(c.bucket_start)
-        ).all()
-        tiers = conn.execute(
-            sa.select(c.tier, sa.func.sum(c.allowed), sa.func.sum(c.limited))
-            .where(c.bucket_start >= since).group_by(c.tier)
-        ).all()
-    by_minute = {row[0]: (int(row[1]), int(row[2])) for row in series}
+    minute = svc.now().replace(second=0, microsecond=0)
+    since = minute - dt.timedelta(minutes=minutes - 1)
+    rows = usage_since(svc, since) if admin else public_usage(svc, minute)
+    by_minute: dict[dt.datetime, list[int]] = {}
+    by_tier: dict[str, dict[str, int]] = {}
+    for bucket, tier, allowed, limited in rows:
+        if bucket < since:
+            continue
+        counts = by_minute.setdefault(bucket, [0, 0])
+        counts[0] += allowed
+        counts[1] += limited
+        totals = by_tier.setdefault(tier, {"allowed": 0, "limited": 0})
+        totals["allowed"] += allowed
+        totals["limited"] += limited
     buckets = []
     for i in range(minutes):
         start = since + dt.timedelta(minutes=i)
@@ -1371,7 +1431,7 @@ def api_analytics() -> Response:
         "minutes": minutes,
         "series": buckets,
         "totals": {"allowed": sum(b["allowed"] for b in buckets), "limited": sum(b["limited"] for b in buckets)},
-        "by_tier": {row[0]: {"allowed": int(row[1]), "limited": int(row[2])} for row in tiers},
+        "by_tier": by_tier,
         "tier_limits": svc.config.tier_limits,
         "window_seconds": svc.config.window_seconds,
         "metrics": svc.metrics.snapshot(),
@@ -1379,8 +1439,7 @@ def api_analytics() -> Response:
         "limiter_health": svc.limiter.health(),
         "socketio": svc.socketio is not None,
     }
-    if auth.bearer_token():
-        g.admin_actor = auth.admin_actor()
+    if admin:
         body.update(admin_analytics(svc, since))
     return jsonify(body)
 
@@ -1420,17 +1479,49 @@ def dashboard() -> str:
 
 # --- request pipeline --------------------------------------------------------------------------
 
+def ip_subject(address: str, ipv6_prefix: int) -> str:
+    """What the per-IP limit, bans and throttles count: an IPv4 address as it is, an IPv6 address
+    as its /``ipv6_prefix`` network (one client holds a whole /64, so per-address limits on IPv6
+    would be no limits), an IPv4-mapped IPv6 address as its IPv4 address. Anything else (a
+    malformed forwarded header) stays as it came, so it is still counted."""
+    if len(address) > MAX_ADDRESS_CHARS:  # no address is this long; not worth a cache slot either
+        return address
+    return _ip_subject(address, ipv6_prefix)
+
+
+MAX_ADDRESS_CHARS = 64
+
+
+@functools.lru_cache(maxsize=16384)
+def _ip_subject(address: str, ipv6_prefix: int) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ipv6_prefix >= 128:
+        return str(ipaddress.IPv6Address(int(ip)))  # int(): without a zone id ("%eth0")
+    return str(ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False))
+
+
 def before_request() -> None:
+    """Derive the client's subject (the one place it is derived), then the per-IP check, which runs
+    before routing errors: a banned IP gets 429 on unknown paths, wrong methods and OPTIONS too."""
     g.started = time.perf_counter()
-    g.client_ip = request.remote_addr or "unknown"
+    svc = services()
+    g.client_addr = request.remote_addr or "unknown"
+    g.client_ip = ip_subject(g.client_addr, svc.config.ipv6_prefix_length)
     g.key_prefix = None
     g.user_id = None
-    if request.method == "OPTIONS" or request.endpoint in IP_EXEMPT_ENDPOINTS or request.endpoint is None:
+    if request.endpoint in IP_EXEMPT_ENDPOINTS:
         return
-    view = current_app.view_functions.get(request.endpoint)
-    if getattr(view, "combined_ip_check", False):
-        return
-    ip_guard(services(), g.client_ip)
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    if getattr(view, "combined_ip_check", False) and request.method != "OPTIONS":
+        return  # the view checks the IP in its own store call (an automatic OPTIONS never runs it)
+    ip_guard(svc, g.client_ip)
 
 
 CORS_PATHS = ("/data", "/usage", "/sdk/")
@@ -1496,9 +1587,16 @@ def after_request(response: Response) -> Response:
     if status >= 400 and response.is_json:
         body = response.get_json(silent=True) or {}
         message = str(body.get("error", ""))[:500]
+    if message == "ip_banned" and svc.refusal_log is not None:
+        # A banned client's flood is not counted against it, so it must not write a row per request.
+        skipped = svc.refusal_log.admit(g.get("client_ip") or "unknown")
+        if skipped is None:
+            return response
+        if skipped:
+            message = f"ip_banned; {skipped} more refusals of this client not logged"
     record = {
         "timestamp": db.utcnow(), "level": level, "method": request.method, "path": request.path[:500],
-        "status": status, "ip": g.get("client_ip"), "key_prefix": g.get("key_prefix"),
+        "status": status, "ip": g.get("client_addr"), "key_prefix": g.get("key_prefix"),
         "user_id": g.get("user_id"), "duration_ms": round(duration * 1000, 3), "message": message,
     }
     svc.log_writer.put(record)
@@ -1506,13 +1604,35 @@ def after_request(response: Response) -> Response:
     return response
 
 
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+def run_housekeeping(svc: Services) -> None:
+    """Apply LOG_RETENTION_DAYS: rotated log files and request-log rows older than that go (with
+    spent tokens). Each cutoff is measured by the clock that stamped the data (file times, row
+    timestamps), so only the schedule follows the app's clock."""
+    files = svc.request_logger.prune()
+    rows = db.purge_expired(svc.engine, log_retention_days=svc.config.log_retention_days)
+    if files or any(rows.values()):
+        log.info("retention: removed %d rotated log files and %s", len(files),
+                 ", ".join(f"{n} {table} rows" for table, n in rows.items()))
+
+
 def run_flusher(svc: Services) -> None:
-    """Background loop: write usage counters every ``flush_interval`` until the app stops."""
+    """Background loop: write usage counters every ``flush_interval`` until the app stops, and
+    apply log retention at start-up and every HOUSEKEEPING_SECONDS after (by ``svc.clock``)."""
     while not svc.stopping.wait(svc.config.flush_interval):
         try:
             svc.usage.flush()
         except Exception:  # keep the loop alive whatever the database does
             log.exception("usage flush loop error")
+        now = svc.clock()
+        if now >= svc.housekeeping_due:
+            svc.housekeeping_due = now + HOUSEKEEPING_SECONDS
+            try:
+                run_housekeeping(svc)
+            except Exception:  # a failed pass is retried at the next one
+                log.exception("log retention pass failed")
 
 
 # --- factory -----------------------------------------------------------------------------------
@@ -1529,12 +1649,13 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
         keys=KeyDirectory(engine, clock=clock), notifier=Notifier(config, clock=clock),
         request_logger=request_logger,
         log_writer=BatchWriter(lambda rows: db.add_request_logs(engine, rows), interval=config.flush_interval,
-                               name="request-log-writer"),
+                               name="request-log-writer", transient=db.is_transient_error),
         alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
-                                 name="alert-writer"),
+                                 name="alert-writer", transient=db.is_transient_error),
         rules=rules,
     )
     svc.events = EventBus(svc)
+    svc.refusal_log = RefusalSampler(clock=clock)
     svc.abuse = AbuseDetector.from_config(config, on_alert=lambda alert: on_alert(svc, alert), clock=clock)
     return svc
 

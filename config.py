@@ -20,6 +20,8 @@ DEFAULT_TIER_LIMITS: dict[str, int] = {"free": 5, "basic": 20, "premium": 100, "
 TIER_ORDER: tuple[str, ...] = ("free", "basic", "premium", "enterprise")
 STRATEGIES: tuple[str, ...] = ("sliding_window", "sliding_window_counter", "fixed_window", "gcra")
 FAIL_MODES: tuple[str, ...] = ("memory", "open", "closed")
+# Coarser than a /32 (an ISP's whole allocation) would put unrelated networks in one subject.
+MIN_IPV6_PREFIX = 32
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     return _number(env, name, default, minimum, float)
+
+
+def _ipv6_prefix(env: Mapping[str, str]) -> int:
+    value = _int(env, "IPV6_PREFIX_LENGTH", 64, MIN_IPV6_PREFIX)
+    if value > 128:
+        raise ConfigError(f"IPV6_PREFIX_LENGTH must be between {MIN_IPV6_PREFIX} and 128, got {value}")
+    return value
 
 
 def parse_tier_limits(raw: str | None) -> dict[str, int]:
@@ -113,6 +122,8 @@ class Config:
     temp_ban_seconds: int = 300
     ban_multiplier: float = 2.0
     trusted_proxies: int = 0
+    # IPv6 clients are one subject per network of this many leading bits (a /64 is one host's LAN).
+    ipv6_prefix_length: int = 64
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     enable_socketio: bool = True
     port: int = 5000
@@ -196,6 +207,7 @@ class Config:
             temp_ban_seconds=_int(env, "TEMP_BAN_SECONDS", 300, 1),
             ban_multiplier=_float(env, "BAN_MULTIPLIER", 2.0, 1.0),
             trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, 0),
+            ipv6_prefix_length=_ipv6_prefix(env),
             cors_origins=cors,
             enable_socketio=socketio,
             port=_int(env, "PORT", 5000, 1),
@@ -244,6 +256,9 @@ class Config:
             raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
         if not self.storage_url.startswith(("memory://", "redis://", "rediss://", "unix://")):
             raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.storage_url!r}")
+        if not MIN_IPV6_PREFIX <= self.ipv6_prefix_length <= 128:
+            raise ConfigError(f"IPV6_PREFIX_LENGTH must be between {MIN_IPV6_PREFIX} and 128, "
+                              f"got {self.ipv6_prefix_length}")
         if self.env not in ("development", "production", "testing"):
             raise ConfigError(f"FLASK_ENV must be development or production, got {self.env!r}")
         if self.production:

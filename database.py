@@ -23,6 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from log_manager import clean_text
+
 log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
@@ -492,10 +494,30 @@ def add_usage(engine: Engine, rows: Sequence[dict[str, Any]], last_used: dict[in
             )
 
 
+_REQUEST_LOG_TEXT = {column.name: column.type.length for column in request_logs.columns
+                     if isinstance(column.type, sa.String)}
+
+
+def clean_request_log(row: dict[str, Any]) -> dict[str, Any]:
+    """A request-log row every database accepts: what came from the client (path, method, a
+    forwarded address) without NUL, valid UTF-8, cut to its column's size."""
+    return {name: clean_text(value, _REQUEST_LOG_TEXT[name]) if name in _REQUEST_LOG_TEXT else value
+            for name, value in row.items()}
+
+
 def add_request_logs(engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
         with engine.begin() as conn:
-            conn.execute(request_logs.insert(), list(rows))
+            conn.execute(request_logs.insert(), [clean_request_log(row) for row in rows])
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """The database could not be reached or was busy (retry the write later), as opposed to a
+    row it refuses (a batch writer drops that row alone)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.DisconnectionError
+                      | sa.exc.TimeoutError | OSError)
 
 
 def add_audit(conn: Connection, actor: str, action: str, target: str, details: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@
 - ``RequestLogger``: request records to ``LOG_DIR/requests.log`` written by a background thread.
 - ``AbuseDetector``: sliding-window counters per (kind, source) raising ``Alert`` objects.
 - ``BatchWriter``: a daemon thread that hands queued items to a flush callable in batches.
+- ``RefusalSampler``: at most one logged refusal per client and interval, with a count of the rest.
+- ``clean_text``: what a log may store of a client-supplied string (no NUL, valid UTF-8, bounded).
 - ``mask_api_key``: the defensive scrub every log line goes through.
 """
 
@@ -44,6 +46,7 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "message",
 )
 
+MAX_FIELD_CHARS = 500  # per field of a request record, as the request_logs table's widest column
 # A full key: "rl_" + 8 hex characters (the visible prefix) + "_" + at least 43 urlsafe characters.
 _API_KEY_RE = re.compile(r"(rl_[0-9a-fA-F]{8})_[A-Za-z0-9_-]{43,}")
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged as a field.
@@ -60,6 +63,18 @@ def mask_api_key(text: str) -> str:
     if "rl_" not in text:
         return text
     return _API_KEY_RE.sub(r"\1…", text)
+
+
+def clean_text(value: Any, max_chars: int | None = None) -> Any:
+    """A client-supplied string as a log may store it: NUL removed (PostgreSQL refuses it in text),
+    lone surrogates replaced (not encodable as UTF-8), cut to ``max_chars``. Non-strings pass."""
+    if not isinstance(value, str):
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value if max_chars is None else value[:max_chars]
 
 
 def scrub(value: Any) -> Any:
@@ -182,6 +197,11 @@ class BatchWriter:
     raises is logged and retried on the next tick, up to ``max_retries`` times, then dropped and
     counted, so a transient database error does not lose accepted data and a lasting one does
     not grow memory without bound.
+
+    With ``transient`` (a predicate on the exception) one bad item cannot take its batch down: a
+    failed batch is written again item by item; items refused with a non-transient error are
+    dropped alone (counted as ``rejected``, one log line per batch), and at the first transient
+    error the rest of the batch is kept for the retry above.
     """
 
     def __init__(
@@ -193,6 +213,7 @@ class BatchWriter:
         max_queue: int = 100_000,
         max_retries: int = 3,
         name: str = "batch-writer",
+        transient: Callable[[BaseException], bool] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or interval <= 0:
             raise ValueError("max_batch and max_queue must be >= 1 and interval > 0")
@@ -202,13 +223,14 @@ class BatchWriter:
         self._max_queue = max_queue
         self._max_retries = max_retries
         self._name = name
+        self._transient = transient
         self._items: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self._flush_lock = threading.Lock()
         self._retry_batch: list[Any] | None = None
         self._attempts = 0
         self._closing = False
-        self._counts = dict(accepted=0, flushed=0, batches=0, dropped=0, failed=0, retries=0)
+        self._counts = dict(accepted=0, flushed=0, batches=0, dropped=0, failed=0, retries=0, rejected=0)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -232,9 +254,10 @@ class BatchWriter:
                 batch = self._retry_batch or self._take()
                 if not batch:
                     return written
-                if not self._try_flush(batch):
+                done = self._try_flush(batch)
+                written += done
+                if self._retry_batch is not None:
                     return written
-                written += len(batch)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop accepting items, flush what was accepted, stop the thread; True if it finished in time."""
@@ -245,7 +268,8 @@ class BatchWriter:
         return not self._thread.is_alive()
 
     def stats(self) -> dict[str, int]:
-        """Counters: accepted, flushed, batches, dropped (queue full), failed (given up), retries, queued."""
+        """Counters: accepted, flushed, batches, dropped (queue full), failed (given up), retries,
+        rejected (single items the flush refused), queued."""
         with self._cond:
             queued = len(self._items) + len(self._retry_batch or ())
             return dict(self._counts, queued=queued)
@@ -255,33 +279,72 @@ class BatchWriter:
             count = min(self._max_batch, len(self._items))
             return [self._items.popleft() for _ in range(count)]
 
-    def _try_flush(self, batch: list[Any]) -> bool:
-        """Flush one batch; on failure keep it for a retry or give it up. True when it was written."""
+    def _try_flush(self, batch: list[Any]) -> int:
+        """Flush one batch; on failure isolate bad items, keep the rest for a retry or give it up.
+        Returns how many items were written."""
         try:
             self._flush(batch)
-        except Exception:
-            self._attempts += 1
-            give_up = self._attempts > self._max_retries
-            log.exception(
-                "%s: flush of %d items failed (attempt %d)%s",
-                self._name,
-                len(batch),
-                self._attempts,
-                ", dropping the batch" if give_up else ", will retry",
-            )
-            with self._cond:
-                if give_up:
-                    self._counts["failed"] += len(batch)
-                    self._retry_batch, self._attempts = None, 0
-                else:
-                    self._counts["retries"] += 1
-                    self._retry_batch = batch
-            return False
+        except Exception as exc:
+            if self._transient is not None and not self._transient(exc):
+                return self._flush_each(batch)
+            return self._failed(batch)
         with self._cond:
             self._counts["flushed"] += len(batch)
             self._counts["batches"] += 1
             self._retry_batch, self._attempts = None, 0
-        return True
+        return len(batch)
+
+    def _flush_each(self, batch: list[Any]) -> int:
+        """Write ``batch`` one item at a time: drop the items refused for themselves, keep the rest
+        from the first transient error on for a retry."""
+        assert self._transient is not None
+        written, refused, first_error = 0, 0, ""
+        for index, item in enumerate(batch):
+            try:
+                self._flush([item])
+            except Exception as exc:
+                if self._transient(exc):
+                    with self._cond:
+                        self._counts["flushed"] += written
+                        self._counts["rejected"] += refused
+                    self._report_rejected(refused, first_error)
+                    return written + self._failed(batch[index:])
+                refused += 1
+                first_error = first_error or (str(exc).splitlines() or [type(exc).__name__])[0]
+            else:
+                written += 1
+        with self._cond:
+            self._counts["flushed"] += written
+            self._counts["batches"] += 1
+            self._counts["rejected"] += refused
+            self._retry_batch, self._attempts = None, 0
+        self._report_rejected(refused, first_error)
+        return written
+
+    def _report_rejected(self, refused: int, error: str) -> None:
+        if refused:
+            log.warning("%s: dropped %d item(s) the flush refused, kept the rest of the batch: %s",
+                        self._name, refused, error[:300])
+
+    def _failed(self, batch: list[Any]) -> int:
+        """A failure that says nothing about the items: retry the batch later, or give it up."""
+        self._attempts += 1
+        give_up = self._attempts > self._max_retries
+        log.exception(
+            "%s: flush of %d items failed (attempt %d)%s",
+            self._name,
+            len(batch),
+            self._attempts,
+            ", dropping the batch" if give_up else ", will retry",
+        )
+        with self._cond:
+            if give_up:
+                self._counts["failed"] += len(batch)
+                self._retry_batch, self._attempts = None, 0
+            else:
+                self._counts["retries"] += 1
+                self._retry_batch = batch
+        return 0
 
     def _run(self) -> None:
         while True:
@@ -293,6 +356,42 @@ class BatchWriter:
             with self._cond:
                 if closing and not self._items and self._retry_batch is None:
                     return
+
+
+class RefusalSampler:
+    """Which refusals of a client to log: the first, then at most one per ``interval`` seconds,
+    each carrying how many were left out since the last one.
+
+    For banned clients: their requests are refused without being counted against them, so a
+    row per refusal would let one client write rows as fast as it can send. Thread-safe; at most
+    ``max_sources`` clients are tracked, the least recently seen going first.
+    """
+
+    def __init__(self, *, interval: float = 60.0, max_sources: int = 10_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._interval = interval
+        self._max_sources = max_sources
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sources: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self.suppressed_total = 0
+
+    def admit(self, source: str) -> int | None:
+        """None: do not log this refusal. Otherwise log it; the number is how many refusals of
+        ``source`` were not logged since its previous logged one."""
+        now = self._clock()
+        with self._lock:
+            entry = self._sources.get(source)
+            if entry is not None and now - entry[0] < self._interval:
+                entry[1] += 1
+                self.suppressed_total += 1
+                return None
+            skipped = int(entry[1]) if entry is not None else 0
+            self._sources[source] = [now, 0]
+            self._sources.move_to_end(source)
+            while len(self._sources) > self._max_sources:
+                self._sources.popitem(last=False)
+            return skipped
 
 
 # --------------------------------------------------------------------------- request log
@@ -360,7 +459,8 @@ class RequestLogger:
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         for entry in batch:
-            self._handler.handle(logging.makeLogRecord({"msg": _dumps(entry), "levelno": logging.INFO}))
+            clean = {name: clean_text(value, MAX_FIELD_CHARS) for name, value in entry.items()}
+            self._handler.handle(logging.makeLogRecord({"msg": _dumps(clean), "levelno": logging.INFO}))
 
 
 _ROTATED_RE = re.compile(r".+\.log\.\d+$")

@@ -146,6 +146,8 @@ def query_int(name: str, default: int | None, maximum: int = MAX_ID, description
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
+ANALYTICS_MINUTES = query_int("minutes", 60, maximum=1440, description="range in minutes: at most 180 without the "
+                              "admin token (figures up to 5 s old), 1440 with it")
 PAGING = [query_int("page", 1, description="1-based page number"),
           query_int("per_page", 50, maximum=200, description="items per page")]
 
@@ -487,7 +489,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/api/metrics": {"get": {"tag": "metrics", "summary": "This process's counters as JSON", "ok": (200, "Metrics")}},
     "/api/analytics": {"get": {
         "tag": "metrics", "summary": "Requests per minute and per tier; more detail with an admin token",
-        "auth": "optional_admin", "params": [query_int("minutes", 60, maximum=1440)], "ok": (200, "Analytics"),
+        "auth": "optional_admin", "params": [ANALYTICS_MINUTES], "ok": (200, "Analytics"),
         "errors": {400: ["invalid_field"]},
     }},
     "/metrics": {"get": {"tag": "metrics", "summary": "Prometheus text exposition", "ok": (200, "text/plain")}},

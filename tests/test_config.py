@@ -78,3 +78,18 @@ def test_smtp_ssl_switches_default_port_and_disables_starttls():
 def test_email_enabled_needs_recipients():
     with pytest.raises(ConfigError, match="ALERT_EMAIL_TO"):
         Config.from_env({"EMAIL_NOTIFICATIONS_ENABLED": "true"}).validate()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("abc", "IPV6_PREFIX_LENGTH must be an integer"),
+    ("16", "IPV6_PREFIX_LENGTH must be >= 32"),
+    ("129", "IPV6_PREFIX_LENGTH must be between 32 and 128"),
+])
+def test_ipv6_prefix_length_is_validated_with_a_one_line_error(raw, message):
+    assert Config.from_env({}).ipv6_prefix_length == 64
+    assert Config.from_env({"IPV6_PREFIX_LENGTH": "56"}).ipv6_prefix_length == 56
+    with pytest.raises(ConfigError, match=message) as caught:
+        Config.from_env({"IPV6_PREFIX_LENGTH": raw})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match="IPV6_PREFIX_LENGTH"):
+        Config.from_env({}, ipv6_prefix_length=200).validate()

@@ -20,7 +20,9 @@ from log_manager import (
     Alert,
     BatchWriter,
     LogSetupError,
+    RefusalSampler,
     RequestLogger,
+    clean_text,
     configure_logging,
     iter_request_log,
     mask_api_key,
@@ -460,3 +462,57 @@ def test_flush_now_writes_synchronously(batch_writer):
 
     assert writer.flush_now() == 1
     assert seen == ["x"]
+
+
+# --------------------------------------------------------------------------- bad input, sampling
+
+
+def test_clean_text_strips_nul_replaces_lone_surrogates_and_truncates():
+    assert clean_text("/a\x00b\ud800c", 4) == "/ab?"
+    assert clean_text("plain") == "plain" and clean_text(None) is None and clean_text(42, 1) == 42
+
+
+def test_nul_and_lone_surrogates_do_not_cost_the_request_log_its_lines(request_logger, tmp_path):
+    logger = request_logger()
+    logger.log({"method": "GET", "path": "/a\x00b\ud800c", "ip": "x" * 2000})
+    logger.log({"method": "GET", "path": "/next"})
+    logger.close()
+    first, second = read_lines(tmp_path / "requests.log")
+    assert first["path"] == "/ab?c" and len(first["ip"]) == 500 and second["path"] == "/next"
+
+
+def test_items_refused_for_themselves_are_dropped_alone(batch_writer, caplog):
+    written: list[int] = []
+
+    def flush(items: list[int]) -> None:
+        if any(item < 0 for item in items):
+            raise ValueError(f"negative item in {items}")
+        written.extend(items)
+
+    writer = batch_writer(flush, interval=60, transient=lambda exc: not isinstance(exc, ValueError))
+    for item in (1, -2, 3, -4, 5):
+        writer.put(item)
+    assert writer.flush_now() == 3
+    assert written == [1, 3, 5]
+    stats = writer.stats()
+    assert (stats["flushed"], stats["rejected"], stats["failed"], stats["queued"]) == (3, 2, 0, 0)
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        "batch-writer: dropped 2 item(s) the flush refused, kept the rest of the batch: negative item in [-2]"]
+
+
+def test_refusals_are_logged_once_per_interval_with_the_count_left_out(clock):
+    sampler = RefusalSampler(interval=60, clock=clock)
+    assert sampler.admit("192.0.2.1") == 0
+    assert [sampler.admit("192.0.2.1") for _ in range(5)] == [None] * 5
+    assert sampler.admit("192.0.2.2") == 0  # each client on its own
+    clock.advance(60)
+    assert sampler.admit("192.0.2.1") == 5
+    assert sampler.admit("192.0.2.1") is None and sampler.suppressed_total == 6
+
+
+def test_refusal_sampler_tracks_a_bounded_number_of_clients(clock):
+    sampler = RefusalSampler(interval=60, max_sources=3, clock=clock)
+    for i in range(10):
+        sampler.admit(f"192.0.2.{i}")
+    assert sampler.admit("192.0.2.9") is None  # still tracked
+    assert sampler.admit("192.0.2.0") == 0  # evicted: logged again (with no count to report)
