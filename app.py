@@ -374,7 +374,10 @@ def policy_route(svc: Services) -> Any:
     ``g.rule_target``, else the request itself), or None."""
     if svc.rules is None:
         return None
-    target = g.get("rule_target", (request.method, request.path))
+    if "rule_target" in g:
+        target = g.rule_target
+    else:
+        target = policy_rules.forwarded_target(request) or (request.method, request.path)
     return svc.rules.route_for(*target) if target else None
 
 

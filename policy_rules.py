@@ -73,6 +73,22 @@ def track_target(body: dict[str, Any], method: str, endpoint: str) -> None:
     g.rule_cost = cost
 
 
+FORWARD_AUTH_PATH = "/forward_auth"
+
+
+def forwarded_target(request: Any) -> tuple[str, str] | None:
+    """On /forward_auth, the original request's method and path (Traefik/Caddy/Envoy or nginx headers),
+    which the policy's route rules match; None elsewhere or when they are missing."""
+    if request.path != FORWARD_AUTH_PATH:
+        return None
+    headers = request.headers
+    uri = headers.get("X-Forwarded-Uri") or headers.get("X-Original-URI")
+    if not uri:
+        return None
+    method = headers.get("X-Forwarded-Method") or headers.get("X-Original-Method") or "GET"
+    return method.upper(), uri.split("?", 1)[0]
+
+
 # --- overrides and credits in the database ----------------------------------------------------
 
 def _active(now: float) -> Any:
