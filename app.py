@@ -330,12 +330,12 @@ def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (
         return decide_policy(svc, ip, subject, flags, consume=consume)
     decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
     if decision.needs_policy:
-        return decide_policy(svc, ip, subject, flags, consume=consume)
+        return decide_policy(svc, ip, subject, flags, consume=consume, diverted=True)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
         reload_meta(svc, subject)
         retry = svc.limiter.check_request(None, subject, flags, consume=consume)
         if retry.needs_policy:
-            return decide_policy(svc, ip, subject, flags, consume=consume, ip_decision=decision.ip)
+            return decide_policy(svc, ip, subject, flags, consume=consume, ip_decision=decision.ip, diverted=True)
         decision = retry._replace(ip=decision.ip)
     if ip is not None:
         g.ip_checked = True
@@ -402,18 +402,20 @@ def reload_meta(svc: Services, subject: str) -> None:
 
 
 def decide_policy(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *, consume: bool = True,
-                  ip_decision: Any = None) -> PolicyDecision:
+                  ip_decision: Any = None, diverted: bool = False) -> PolicyDecision:
     """Every limit that applies, cost and credits in one store round trip (``ip_decision``: the IP
-    was already checked by an earlier call that counted nothing)."""
+    was already checked by an earlier call that counted nothing; ``diverted``: the single-limit
+    script already answered that this subject needs the policy script)."""
     route = policy_route(svc)
     cost = g.get("rule_cost") or (route.cost if route is not None else 1)
     decision = svc.limiter.check_policy(None if ip_decision else ip, subject, flags, route=route, cost=cost,
-                                        consume=consume)
+                                        consume=consume, single=not diverted)
     if ip_decision is not None:
         decision = decision._replace(ip=ip_decision)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
         reload_meta(svc, subject)
-        retry = svc.limiter.check_policy(None, subject, flags, route=route, cost=cost, consume=consume)
+        retry = svc.limiter.check_policy(None, subject, flags, route=route, cost=cost, consume=consume,
+                                         single=not diverted)
         decision = retry._replace(ip=decision.ip)
     if ip is not None:
         g.ip_checked = True

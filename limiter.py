@@ -1509,11 +1509,12 @@ class RateLimiter:
                           else self._limit_suffix(limit.window)) for limit in limits]
 
     def check_policy(self, ip: str | None, subject: str, flags: Sequence[str] = (), *, route: Any = None,
-                     cost: int = 1, consume: bool = True) -> PolicyDecision:
+                     cost: int = 1, consume: bool = True, single: bool = True) -> PolicyDecision:
         """Like check_request, with every limit that applies in one atomic store call: the tier's
         (or the subject's override), the route's extra limits, and the key's credits. All are
-        spent (``cost`` units each) or none is."""
-        if self._simple and cost == 1 and (route is None or not route.limits):
+        spent (``cost`` units each) or none is. ``single=False`` skips the single-limit script
+        (the caller already learnt from it that this subject has an override or credits)."""
+        if single and self._simple and cost == 1 and (route is None or not route.limits):
             decision = self.check_request(ip, subject, flags, consume=consume)
             if not decision.needs_policy:  # else nothing was counted: the policy script decides
                 return self._as_policy_decision(decision)
