@@ -291,9 +291,14 @@ for i = 7, #KEYS do
   local v = tonumber(redis.call('GET', KEYS[i]))
   if v and v > now then flags[#flags + 1] = 1; flagged = true else flags[#flags + 1] = 0 end
 end
+-- The reply is {numbers joined by commas, tier, override}: one bulk string parses far faster in the
+-- client than an array of two dozen integers.
 local function finish(out)
   for i = 1, #flags do out[#out + 1] = flags[i] end
-  return out
+  local tier_, ovr_ = out[5], out[10]
+  out[5], out[10] = 0, 0
+  for i = 1, #out do out[i] = num(out[i]) end
+  return {table.concat(out, ','), tier_, ovr_}
 end
 local ip_code, bans = 0, 0
 if ip ~= '' then
@@ -1109,11 +1114,15 @@ class RedisStore:
         args: list[Any] = [now, _nonce(), ip, mode, cost, periods[0], periods[1], len(routes)]
         for limit in routes:
             args.extend(limit)
-        out = self._eval("policy", keys, args)
-        if type(out) is not list or len(out) < HEADER or type(out[4]) is not bytes or type(out[9]) is not bytes:
-            raise redis.ResponseError(f"unexpected reply to the policy script: {out!r:.80}")
-        out[4] = out[4].decode()
-        out[9] = out[9].decode() if out[9] else ""
+        reply = self._eval("policy", keys, args, 3)
+        numbers, tier, applied = reply
+        try:
+            out: list[Any] = list(map(int, numbers.split(b",")))
+            out[4], out[9] = tier.decode(), applied.decode()
+        except (AttributeError, ValueError, IndexError):
+            raise redis.ResponseError(f"unexpected reply to the policy script: {reply!r:.80}") from None
+        if len(out) < HEADER:
+            raise redis.ResponseError(f"unexpected reply to the policy script: {reply!r:.80}")
         return out
 
     def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
