@@ -322,7 +322,7 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
-           consume: bool = True) -> RequestDecision:
+           consume: bool = True) -> RequestDecision | PolicyDecision:
     """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
     (a second trip only if the subject's meta was evicted from the store). With a policy file, a
     cost, or a subject with an override or credits, the multi-limit decision (decide_policy) instead."""
@@ -343,7 +343,7 @@ def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (
     return decision
 
 
-def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: KeyRecord | None,
+def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subject: str, *, key: KeyRecord | None,
                 user_id: int) -> LimitResult:
     """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
     if isinstance(decision, PolicyDecision):

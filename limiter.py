@@ -1132,19 +1132,19 @@ class RedisStore:
                     period: str) -> None:
         with self._client.pipeline() as pipe:
             pipe.delete(key)
-            fields: dict[str, Any] = {"n": credits}
+            fields: dict[Any, Any] = {"n": credits}
             if amount is not None:
                 fields.update(a=amount, e=every or "day", p=period)
             pipe.hset(key, mapping=fields)
             pipe.execute()
 
     def peek_credits(self, key: str, now: int, periods: tuple[str, str]) -> int | None:
-        n, amount, every, period = self._client.hmget(key, "n", "a", "e", "p")
+        n, amount, every, period = self._client.hmget(key, "n", "a", "e", "p")  # type: ignore[misc]
         if n is None:
             return None
         if amount is not None and every is not None:
             current = periods[1] if every == b"month" else periods[0]
-            if (period or b"").decode() != current:
+            if (period or b"") != current.encode():
                 return int(amount)
         return int(n)
 
@@ -1591,11 +1591,11 @@ class RateLimiter:
                 closest = (rank, outcome)
         reported = refusing or (closest or closest_any or (None, None))[1]
         allowed = bool(ok) or opened
-        result = reported.result if reported is not None else None
-        if allowed and result is not None and not result.allowed:  # a shadow limit: reported, but admitted
-            result = result._replace(allowed=True, retry_after=0.0)
+        shown = reported.result if reported is not None else None
+        if allowed and shown is not None and not shown.allowed:  # a shadow limit: reported, but admitted
+            shown = shown._replace(allowed=True, retry_after=0.0)
         shadow_refused = tuple(o for o in outcomes if o.shadow and not o.result.allowed)
-        return PolicyDecision(ip_decision, result, tier or None, False, False, flag_map, allowed, tuple(outcomes),
+        return PolicyDecision(ip_decision, shown, tier or None, False, False, flag_map, allowed, tuple(outcomes),
                               reported, left if credit_code else None,
                               credit_code == 2 and refusing is None and not opened, shadow_refused)
 
