@@ -34,6 +34,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 # gunicorn takes its worker count from WEB_CONCURRENCY, and the app reads the same variable,
-# so both agree on how many workers share the limiter store. No control socket: nothing in the
-# container manages gunicorn at run time, and its default path ($HOME/.gunicorn) is not writable.
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--no-control-socket", "--access-logfile", "-", "app:app"]
+# so both agree on how many workers share the limiter store. gunicorn.conf.py sets the worker
+# class that slow or half-open clients cannot stall, and redacts credentials from every log line
+# (the access log on stdout included). No control socket: nothing in the container manages
+# gunicorn at run time, and its default path ($HOME/.gunicorn) is not writable.
+CMD ["gunicorn", "--config", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "--no-control-socket", "--access-logfile", "-", "app:app"]

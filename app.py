@@ -39,6 +39,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import auth
 import database as db
 import errors
+import gateway
+import log_redaction
 import policy_rules
 from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
@@ -54,6 +56,7 @@ VERSION = "1.0.0"
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MAX_KEYS_PER_USER = 25
+KEY_GENERATION_ATTEMPTS = 5  # draws of a new key when its prefix collides with an existing one
 MAX_PER_PAGE = 200
 SDK_CACHE_SECONDS = 300
 # Routes that never count against the per-IP limit: static files and liveness.
@@ -63,6 +66,21 @@ ADMIN_ROOM = "admins"  # Socket.IO room of dashboard sockets that connected with
 
 # --- services ------------------------------------------------------------------------------
 
+KEY_TAG_CHARS = 16  # hex digits of the key's hash in its limiter subject
+
+
+def key_subject(key_id: int, key_hash: str) -> str:
+    """Limiter subject of an API key: id and the start of the key's hash, so that a cached record
+    or store entry of a deleted key can never match a later key that got the same id."""
+    return f"k:{key_id}.{key_hash[:KEY_TAG_CHARS]}"
+
+
+def user_subject(user_id: int, stamp: str) -> str:
+    """Limiter subject of a user's tokens: id and account stamp (``auth.account_stamp``), so that a
+    deleted account's tokens never reach the meta or counters of an account that got the same id."""
+    return f"u:{user_id}.{stamp}"
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyRecord:
     """Identity of an API key (immutable); tier and blocked state live in the limiter store."""
@@ -71,7 +89,12 @@ class KeyRecord:
     user_id: int
     prefix: str
     name: str
+    tag: str  # the start of the key's hash: binds the record to this very key
     expires_at: float | None = None  # epoch seconds; immutable, so the per-process cache may hold it
+
+    @property
+    def subject(self) -> str:
+        return key_subject(self.id, self.tag)
 
 
 class KeyDirectory:
@@ -114,7 +137,8 @@ class KeyDirectory:
             ).first()
         record = None
         if row is not None and hmac.compare_digest(row.key_hash, key_hash):
-            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, db.epoch(row.expires_at))
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, row.key_hash[:KEY_TAG_CHARS],
+                               db.epoch(row.expires_at))
         with self._lock:
             if record is None:
                 self._misses[key_hash] = self._clock() + self._miss_ttl
@@ -225,15 +249,45 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json")
     try:
         body = request.get_json(silent=True)
-        if isinstance(body, dict):  # a lone surrogate ("\ud800") parses, but cannot be hashed or stored
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except (RecursionError, UnicodeEncodeError):  # nesting deeper than the parser allows, or that surrogate
+    except RecursionError:  # nesting deeper than the parser allows
         body = None
     if body is None:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
     if not isinstance(body, dict):
         raise ApiError(400, "malformed_json", "The JSON body must be an object")
+    for name, value in body.items():
+        if not storable_text(name):
+            raise ApiError(400, "malformed_json", "A member name holds a NUL character or an unpaired surrogate")
+        if not storable_text(value):
+            raise bad_request(name[:100], f"'{name[:100]}' must not contain NUL characters or unpaired surrogates")
     return body
+
+
+def storable_text(value: Any) -> bool:
+    """False if a string in ``value`` (nested lists and objects included) holds a NUL, which
+    PostgreSQL cannot store in text, or a lone surrogate ("\\ud800" parses as JSON), which UTF-8
+    cannot encode, so cannot be hashed, stored or logged. Checked once for every JSON body, so no
+    route can forget it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not item.isascii() and _has_surrogate(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def str_field(body: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str | None:
@@ -305,27 +359,35 @@ def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
 
 
 def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
-    """Tier and blocked state of ``k:<id>`` or ``u:<id>`` from the database."""
-    kind, _, ident = subject.partition(":")
+    """Tier and blocked state of a key or user subject from the database; blocked when the row is
+    gone or is another key or account than the subject's tag names (an id given out again)."""
+    kind, _, rest = subject.partition(":")
+    ident, _, tag = rest.partition(".")
     with svc.engine.connect() as conn:
         if kind == "k":
             row = conn.execute(
-                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
+                sa.select(db.users.c.tier, db.api_keys.c.blocked, db.api_keys.c.revoked_at, db.api_keys.c.key_hash)
                 .select_from(db.api_keys.join(db.users, db.api_keys.c.user_id == db.users.c.id))
                 .where(db.api_keys.c.id == int(ident))
             ).first()
-            if row is None:
+            if row is None or not tag or not row.key_hash.startswith(tag):
                 return "free", True
             return row.tier, bool(row.blocked or row.revoked_at is not None)
-        row = conn.execute(sa.select(db.users.c.tier).where(db.users.c.id == int(ident))).first()
-        return (row.tier if row else "free"), row is None
+        user = conn.execute(
+            sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))
+        ).first()
+        if user is None or auth.account_stamp(user.created_at) != tag:
+            return "free", True
+        return user.tier, False
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
            consume: bool = True) -> RequestDecision | PolicyDecision:
     """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
-    (a second trip only if the subject's meta was evicted from the store). With a policy file, a
-    cost, or a subject with an override or credits, the multi-limit decision (decide_policy) instead."""
+    (a second trip only if the subject's meta was evicted from the store). ``meta_missing`` stays
+    True when the meta had to be loaded: the store may have lost other data (flags) too. With a
+    policy file, a cost, or a subject with an override or credits, the multi-limit decision
+    (decide_policy) instead."""
     if svc.rules is not None or g.get("rule_cost", 1) > 1:
         return decide_policy(svc, ip, subject, flags, consume=consume)
     decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
@@ -336,11 +398,19 @@ def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (
         retry = svc.limiter.check_request(None, subject, flags, consume=consume)
         if retry.needs_policy:
             return decide_policy(svc, ip, subject, flags, consume=consume, ip_decision=decision.ip, diverted=True)
-        decision = retry._replace(ip=decision.ip)
+        decision = retry._replace(ip=decision.ip, meta_missing=True)
     if ip is not None:
         g.ip_checked = True
         record_ip_decision(svc, ip, decision.ip)
     return decision
+
+
+def clean_tier(svc: Services, decision: RequestDecision | PolicyDecision) -> str:
+    """The tier to report for a decision, the same in headers and body.
+
+    The store's meta is data, not trusted: a tier it does not know was limited at the default
+    (free) limit, and must not reach headers, bodies, metrics labels or analytics rows as it is."""
+    return decision.tier if decision.tier in svc.config.tier_limits else "free"
 
 
 def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subject: str, *, key: KeyRecord | None,
@@ -349,16 +419,17 @@ def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subje
     if isinstance(decision, PolicyDecision):
         return apply_policy(svc, decision, subject, key=key, user_id=user_id)
     result = decision.result
-    # The store's meta is data, not trusted: a tier it does not know was limited at the default
-    # (free) limit, and must not reach headers, metrics labels or analytics rows as it is.
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     assert result is not None
     g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     g.tier = tier
-    svc.usage.record(subject, key_id=key.id if key else None, user_id=user_id, tier=tier, allowed=result.allowed)
+    # Analytics rows keep the plain "k:<id>" / "u:<id>" subjects: ids are never reused in the database.
+    usage_subject = f"k:{key.id}" if key else f"u:{user_id}"
+    svc.usage.record(usage_subject, key_id=key.id if key else None, user_id=user_id, tier=tier,
+                     allowed=result.allowed)
     svc.metrics.observe_decision(tier, result.allowed)
     if not result.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else subject)
+        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit of {result.limit} requests per {svc.config.window_seconds} s exceeded "
@@ -376,8 +447,10 @@ def policy_route(svc: Services) -> Any:
         return None
     if "rule_target" in g:
         target = g.rule_target
+    elif "forwarded" in g:  # /forward_auth: the request the gateway describes
+        target = (g.forwarded.method, g.forwarded.path)
     else:
-        target = policy_rules.forwarded_target(request) or (request.method, request.path)
+        target = (request.method, request.path)
     return svc.rules.route_for(*target) if target else None
 
 
@@ -416,7 +489,7 @@ def decide_policy(svc: Services, ip: str | None, subject: str, flags: Sequence[s
         reload_meta(svc, subject)
         retry = svc.limiter.check_policy(None, subject, flags, route=route, cost=cost, consume=consume,
                                          single=not diverted)
-        decision = retry._replace(ip=decision.ip)
+        decision = retry._replace(ip=decision.ip, meta_missing=True)
     if ip is not None:
         g.ip_checked = True
         record_ip_decision(svc, ip, decision.ip)
@@ -430,12 +503,14 @@ def apply_policy(svc: Services, decision: PolicyDecision, subject: str, *, key: 
     refusing limit, or 403 credits_exhausted."""
     result, reported = decision.result, decision.reported
     assert result is not None and reported is not None
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     g.rate_headers = policy_rules.policy_headers(decision, svc.clock())
     g.tier = tier
     for outcome in decision.shadow_refused:
         report_shadow_refusal(svc, subject, outcome)
-    svc.usage.record(subject, key_id=key.id if key else None, user_id=user_id, tier=tier, allowed=decision.allowed)
+    usage_subject = f"k:{key.id}" if key else f"u:{user_id}"  # as in apply_limit: plain ids for analytics
+    svc.usage.record(usage_subject, key_id=key.id if key else None, user_id=user_id, tier=tier,
+                     allowed=decision.allowed)
     svc.metrics.observe_decision(tier, decision.allowed)
     if decision.credits is not None and key is not None and decision.allowed:
         check_low_credits(svc, key, decision.credits)
@@ -443,7 +518,7 @@ def apply_policy(svc: Services, decision: PolicyDecision, subject: str, *, key: 
         raise ApiError(403, "credits_exhausted", "This API key has used up its credits",
                        credits_remaining=decision.credits)
     if not decision.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else subject)
+        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit {reported.name} ({reported.quota} per {reported.window} s) exceeded; "
@@ -557,9 +632,10 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
     """Blocked in the store: tell a revoked key (401) from a blocked one (403)."""
     with svc.engine.connect() as conn:
         row = conn.execute(
-            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason).where(db.api_keys.c.id == record.id)
+            sa.select(db.api_keys.c.revoked_at, db.api_keys.c.blocked_reason, db.api_keys.c.key_hash)
+            .where(db.api_keys.c.id == record.id)
         ).first()
-    if row is None or row.revoked_at is not None:
+    if row is None or row.revoked_at is not None or not row.key_hash.startswith(record.tag):
         svc.keys.forget(record.id)
         return ApiError(401, "invalid_api_key", "The API key is not valid")
     return ApiError(403, "api_key_blocked", "This API key has been blocked by an administrator",
@@ -569,23 +645,23 @@ def refuse_blocked_key(svc: Services, record: KeyRecord) -> ApiError:
 def consume_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
     """Authenticate a key and count one request against it (the hot path); 401/403/429 raise."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
     result = apply_limit(svc, decision, subject, key=record, user_id=record.user_id)
-    return record, result, decision.tier or "free"
+    return record, result, clean_tier(svc, decision)
 
 
 def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult, str]:
     """Authenticate a key and read its window without consuming (for /usage and /sdk/check):
     the same single store call as /data, tier and block state included, no database read."""
     record, ip = resolve_key(svc, raw_key, g.client_ip)
-    subject = f"k:{record.id}"
+    subject = record.subject
     decision = decide(svc, ip, subject, consume=False)
     if decision.blocked:
         raise refuse_blocked_key(svc, record)
-    tier = decision.tier if decision.tier in svc.config.tier_limits else "free"
+    tier = clean_tier(svc, decision)
     result = decision.result
     assert result is not None
     if isinstance(decision, PolicyDecision):
@@ -657,8 +733,11 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 
 def throttle(svc: Services, name: str, limit: int, window: int, code: str, message: str) -> None:
-    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count."""
-    result = svc.limiter.hit(name, limit, window)
+    """A secondary limit (registrations, sign-in attempts) on the same store; atomic check-and-count.
+
+    Brute-force protection must outlive a store outage: in fail mode "open" these still count per
+    process (the limiter's fallback store) rather than admitting every attempt."""
+    result = svc.limiter.hit(name, limit, window, open_when_down=False)
     if not result.allowed:
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, code, message, headers={"Retry-After": str(retry)}, retry_after=retry)
@@ -691,7 +770,7 @@ def register() -> tuple[Response, int]:
             ).returning(db.users.c.id)).scalar_one()
     except sa.exc.IntegrityError:
         raise ApiError(409, "username_taken", f"The username '{username}' is already taken") from None
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=False)
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(now)), tier="free", blocked=False)
     user = {"id": user_id, "username": username, "email": email, "tier": "free", "created_at": db.iso(now)}
     return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
 
@@ -749,7 +828,8 @@ def user_keys(conn: sa.Connection, user_id: int) -> list[dict[str, Any]]:
         .where(db.api_keys.c.user_id == user_id, db.api_keys.c.revoked_at.is_(None))
         .order_by(db.api_keys.c.id)
     ).all()
-    return [policy_rules.with_credits(services(), key_json(row), row) for row in rows]
+    return [policy_rules.with_credits(services(), key_json(row), row, key_subject(row.id, row.key_hash))
+            for row in rows]
 
 
 def current_user_row(conn: sa.Connection) -> Any:
@@ -781,7 +861,28 @@ def create_api_key() -> tuple[Response, int]:
     body = json_body(optional=True)
     name = (str_field(body, "name", required=False, max_len=100) or "").strip()
     expires_at = parse_timestamp(body, "expires_at", after=svc.clock())
-    new_key = auth.generate_api_key()
+    # The visible prefix has 32 random bits: among many keys two can collide (birthday bound), and
+    # the unique index then refuses the insert. A fresh key is drawn instead of answering 500.
+    for attempt in range(KEY_GENERATION_ATTEMPTS):
+        new_key = auth.generate_api_key()
+        try:
+            key_id, user, now = insert_api_key(svc, new_key, name, expires_at)
+            break
+        except sa.exc.IntegrityError:
+            if attempt == KEY_GENERATION_ATTEMPTS - 1:
+                raise
+            log.warning("API key prefix or hash collision; drawing a new key")
+    subject = key_subject(key_id, new_key.key_hash)
+    svc.limiter.set_meta(subject, tier=user.tier, blocked=False)
+    publish_policy(svc, subjects=[subject])  # an override of the owner covers the new key too
+    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
+                   created_at=db.iso(now), expires_at=db.iso(expires_at),
+                   message="Store this key now: it is shown only once"), 201
+
+
+def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str,
+                   expires_at: dt.datetime | None) -> tuple[int, Any, dt.datetime]:
+    """Insert the caller's new key under the per-user cap; (key id, user row, creation time)."""
     now = db.utcnow()
     with svc.engine.begin() as conn:
         user = current_user_row(conn)
@@ -795,11 +896,7 @@ def create_api_key() -> tuple[Response, int]:
             user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
             created_at=now, expires_at=expires_at,
         ).returning(db.api_keys.c.id)).scalar_one()
-    svc.limiter.set_meta(f"k:{key_id}", tier=user.tier, blocked=False)
-    policy_rules.publish(svc, [f"k:{key_id}"])  # an override of the owner covers the new key too
-    return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
-                   created_at=db.iso(now), expires_at=db.iso(expires_at),
-                   message="Store this key now: it is shown only once"), 201
+    return key_id, user, now
 
 
 def parse_timestamp(body: dict[str, Any], name: str, *, after: float) -> dt.datetime | None:
@@ -830,13 +927,13 @@ def revoke_own_key(key_id: int) -> Response:
         if row is None:  # another user's key looks exactly like a missing one
             raise ApiError(404, "key_not_found", f"You have no active API key with id {key_id}")
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key_id).values(revoked_at=db.utcnow()))
-    revoke_in_store(svc, key_id)
+    revoke_in_store(svc, key_id, row.key_hash)
     return jsonify(message="API key revoked", key={"id": key_id, "prefix": row.prefix, "revoked": True})
 
 
-def revoke_in_store(svc: Services, key_id: int) -> None:
+def revoke_in_store(svc: Services, key_id: int, key_hash: str) -> None:
     """Every worker refuses a revoked key on its next request: blocked in the shared meta."""
-    svc.limiter.set_meta(f"k:{key_id}", tier="free", blocked=True)
+    svc.limiter.set_meta(key_subject(key_id, key_hash), tier="free", blocked=True)
     svc.keys.forget(key_id)
 
 
@@ -875,16 +972,17 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
         ip_guard(svc, g.client_ip)
         raise
     g.user_id = int(claims["sub"])
-    subject = f"u:{g.user_id}"
+    subject = user_subject(g.user_id, claims["gen"])
     flag = f"revoked:{claims['jti']}"
     decision = decide(svc, g.client_ip, subject, [flag])
-    revoked = decision.flags.get(flag, False) or (svc.limiter.health() != "ok" and manager.is_revoked(claims["jti"]))
+    revoked = decision.flags.get(flag, False) or manager.revoked_although_not_flagged(
+        claims["jti"], store_lost_meta=decision.meta_missing)
     if revoked:
         raise ApiError(401, "token_revoked", "The token has been revoked")
     if decision.blocked:
         raise ApiError(401, "invalid_token", "The account of this token no longer exists")
     result = apply_limit(svc, decision, subject, key=None, user_id=g.user_id)
-    return result, decision.tier or "free"
+    return result, clean_tier(svc, decision)
 
 
 @data_bp.get("/usage")
@@ -900,6 +998,39 @@ def usage() -> Response:
                    remaining=result.remaining, window_seconds=svc.config.window_seconds,
                    reset_epoch=epoch_ceil(result.reset), totals=totals, expires_at=expires_at,
                    **policy_rules.usage_fields(g.get("policy_decision")))
+
+
+# --- gateway: the /data decision for any upstream API ---
+
+gateway_bp = Blueprint("gateway", __name__)
+
+
+@gateway_bp.route(gateway.URL_PREFIX, methods=gateway.VIEW_METHODS, provide_automatic_options=False)
+@gateway_bp.route(f"{gateway.URL_PREFIX}/<forwarded_path:original>", methods=gateway.VIEW_METHODS,
+                  provide_automatic_options=False)
+@refused_before_the_combined_check
+def forward_auth(original: str | None = None) -> Response:
+    """A gateway's sub-request: exactly the /data decision and budget for the request it describes;
+    admitted answers name the subject in X-Auth-* headers for the upstream."""
+    svc = services()
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per header
+    # The original request (method, decoded path) is request state for whatever matches routes.
+    g.forwarded = forwarded = gateway.forwarded_request(req, original)
+    if exempt_request(svc):  # a policy route marked exempt: no credentials, not counted (the IP is)
+        return Response(gateway.ADMITTED_BODY, mimetype="application/json")
+    token = auth.bearer_token()
+    raw_key = req.environ.get("HTTP_X_API_KEY") or forwarded.api_key()
+    key_prefix = None
+    if raw_key or token is None:
+        record, _, tier = consume_key(svc, raw_key)
+        user_id, key_prefix = record.user_id, record.prefix
+    else:
+        _, tier = consume_user(svc, token)
+        user_id = g.user_id
+    username = current_app.extensions["rl.usernames"].get(user_id)
+    # A constant body: gateways read the headers, and the decision must cost no more than /data.
+    return Response(gateway.ADMITTED_BODY, mimetype="application/json",
+                    headers=gateway.identity_headers(user_id, username, tier, key_prefix))
 
 
 @sdk_bp.get("/sdk.js", defaults={"filename": "ratelimiter-sdk.js"})
@@ -1022,15 +1153,17 @@ def delete_user(user_id: int) -> Response:
         user = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
         if user is None:
             raise ApiError(404, "user_not_found", "No such user")
-        key_ids = [row.id for row in conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.user_id == user_id))]
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash)
+                            .where(db.api_keys.c.user_id == user_id)).all()
         conn.execute(db.api_keys.delete().where(db.api_keys.c.user_id == user_id))
         conn.execute(db.refresh_tokens.delete().where(db.refresh_tokens.c.user_id == user_id))
         conn.execute(db.users.delete().where(db.users.c.id == user_id))
-        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(key_ids))
-    svc.limiter.set_meta(f"u:{user_id}", tier="free", blocked=True)  # its JWTs die with it
-    for key_id in key_ids:
-        revoke_in_store(svc, key_id)
-    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(key_ids))
+        audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(keys))
+    # Its JWTs die with it (and, carrying its account stamp, never match a later account).
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(user.created_at)), tier="free", blocked=True)
+    for key in keys:
+        revoke_in_store(svc, key.id, key.key_hash)
+    return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(keys))
 
 
 @admin_bp.get("/admin/keys")
@@ -1061,13 +1194,13 @@ def upgrade_tier() -> Response:
     with svc.engine.begin() as conn:
         user = find_user(conn, body)
         conn.execute(db.users.update().where(db.users.c.id == user.id).values(tier=tier, updated_at=db.utcnow()))
-        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.blocked, db.api_keys.c.revoked_at)
-                            .where(db.api_keys.c.user_id == user.id)).all()
+        keys = conn.execute(sa.select(db.api_keys.c.id, db.api_keys.c.key_hash, db.api_keys.c.blocked,
+                                      db.api_keys.c.revoked_at).where(db.api_keys.c.user_id == user.id)).all()
         audit(conn, "upgrade_tier", f"user:{user.username}", old_tier=user.tier, new_tier=tier, user_id=user.id)
         updated = conn.execute(sa.select(db.users).where(db.users.c.id == user.id)).first()
-    svc.limiter.set_meta(f"u:{user.id}", tier=tier, blocked=False)
+    svc.limiter.set_meta(user_subject(user.id, auth.account_stamp(user.created_at)), tier=tier, blocked=False)
     for key in keys:
-        svc.limiter.set_meta(f"k:{key.id}", tier=tier, blocked=bool(key.blocked or key.revoked_at))
+        svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=tier, blocked=bool(key.blocked or key.revoked_at))
     svc.events.emit("tier_changed", user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
     return jsonify(user=user_json(updated))
 
@@ -1082,7 +1215,8 @@ def set_key_blocked(blocked: bool) -> Response:
                      .values(blocked=blocked, blocked_reason=reason if blocked else None))
         audit(conn, "block_key" if blocked else "unblock_key", f"key:{key.prefix}", key_id=key.id,
               owner=key.username, reason=reason)
-    svc.limiter.set_meta(f"k:{key.id}", tier=key.tier, blocked=blocked or key.revoked_at is not None)
+    svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=key.tier,
+                         blocked=blocked or key.revoked_at is not None)
     svc.events.emit("key_blocked" if blocked else "key_unblocked", key.prefix, owner=key.username, reason=reason,
                     actor=g.admin_actor)
     return jsonify(key={"id": key.id, "prefix": key.prefix, "name": key.name, "blocked": blocked,
@@ -1110,7 +1244,7 @@ def admin_revoke_key() -> Response:
         key = find_key(conn, body)
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id).values(revoked_at=db.utcnow()))
         audit(conn, "revoke_key", f"key:{key.prefix}", key_id=key.id, owner=key.username)
-    revoke_in_store(svc, key.id)
+    revoke_in_store(svc, key.id, key.key_hash)
     svc.events.emit("key_banned", key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
     return jsonify(key={"id": key.id, "prefix": key.prefix, "revoked": True, "blocked": True})
 
@@ -1239,6 +1373,19 @@ def recent_alerts(limit: int) -> list[dict[str, Any]]:
 MAX_OVERRIDES_LISTED = 500
 
 
+def publish_policy(svc: Services, *, subjects: Sequence[str] = (), key_id: int | None = None,
+                   user_id: int | None = None) -> None:
+    """Mirror the effective override and credits of these subjects, of a key, or of a user (their
+    JWT subject and every key) into the limiter store's meta."""
+    subjects = list(subjects)
+    if key_id is not None or user_id is not None:
+        with svc.engine.connect() as conn:
+            keys, users = policy_rules.affected_rows(conn, key_id=key_id, user_id=user_id)
+        subjects += [key_subject(row.id, row.key_hash) for row in keys]
+        subjects += [user_subject(row.id, auth.account_stamp(row.created_at)) for row in users]
+    policy_rules.publish(svc, subjects)
+
+
 @admin_bp.post("/admin/overrides")
 @auth.admin_required
 def create_override() -> tuple[Response, int]:
@@ -1261,9 +1408,8 @@ def create_override() -> tuple[Response, int]:
         ).returning(db.rate_overrides.c.id)).scalar_one()
         audit(conn, "create_override", target, override_id=override_id, limits=limits, reason=reason,
               expires_at=db.iso(expires_at))
-        subjects = policy_rules.affected_subjects(conn, key_id=key_id, user_id=user_id)
         row = conn.execute(sa.select(db.rate_overrides).where(db.rate_overrides.c.id == override_id)).one()
-    policy_rules.publish(svc, subjects)
+    publish_policy(svc, key_id=key_id, user_id=user_id)
     return jsonify(override={**policy_rules.override_json(row, svc.clock()), "target": target}), 201
 
 
@@ -1289,8 +1435,7 @@ def delete_override(override_id: int) -> Response:
         conn.execute(db.rate_overrides.delete().where(db.rate_overrides.c.id == override_id))
         target = f"key:{row.key_id}" if row.key_id is not None else f"user:{row.user_id}"
         audit(conn, "delete_override", target, override_id=override_id, limits=json.loads(row.limits))
-        subjects = policy_rules.affected_subjects(conn, key_id=row.key_id, user_id=row.user_id)
-    policy_rules.publish(svc, subjects)
+    publish_policy(svc, key_id=row.key_id, user_id=row.user_id)
     return jsonify(override={**policy_rules.override_json(row, svc.clock()), "deleted": True})
 
 
@@ -1307,9 +1452,9 @@ def set_key_credits(key_id: int) -> Response:
         audit(conn, "set_credits", f"key:{key.prefix}", key_id=key_id, credits=credits, refill_amount=amount,
               refill_every=every)
     if credits is not None:
-        svc.limiter.set_credits(f"k:{key_id}", credits, refill=amount, every=every)
+        svc.limiter.set_credits(key_subject(key.id, key.key_hash), credits, refill=amount, every=every)
     svc.credit_grants.pop(key_id, None)
-    policy_rules.publish(svc, [f"k:{key_id}"])
+    publish_policy(svc, key_id=key_id)
     refill = {"amount": amount, "every": every} if amount is not None else None
     return jsonify(key={"id": key_id, "prefix": key.prefix, "credits": credits, "refill": refill,
                         "credits_remaining": credits})
@@ -1720,6 +1865,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     """Build the API. Raises ConfigError / database.DatabaseError with a one-line message."""
     config = (config or Config.from_env()).validate()
     configure_logging(config)
+    log_redaction.install()  # werkzeug's and gunicorn's access logs quote ?api_key=
     if config.jwt_secret_generated:
         log.warning("JWT_SECRET_KEY is not set: using a random key for this process (tokens die on restart)")
     if config.web_concurrency > 1 and config.store_kind == "memory":
@@ -1736,11 +1882,15 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
         503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly", {"Retry-After": "5"}))
     svc = build_services(config, clock)
     app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
-    auth.JWTManager(app)
+    auth.JWTManager(app, clock=clock)
     svc.notifier.init_app(app)
     with app.app_context():
-        current_app.extensions["jwt"].load_revocations()
-    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp):
+        try:
+            current_app.extensions["jwt"].load_revocations()
+        except StoreUnavailable:  # fail mode closed, store down: seeded on the first request that finds it empty
+            log.warning("rate-limit store unreachable at start-up; revocations will be seeded when it answers")
+    gateway.init_app(app, svc.engine)  # before the blueprints (URL converter) and after_request below
+    for blueprint in (core, auth_bp, data_bp, sdk_bp, admin_bp, dashboard_bp, metrics_bp, gateway_bp):
         app.register_blueprint(blueprint)
     app.before_request(before_request)
     app.after_request(after_request)

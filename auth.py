@@ -15,7 +15,10 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +37,14 @@ ALGORITHM = "HS256"
 ISSUER = "ratelimiter"
 API_KEY_SCHEME = "rl"
 MAX_PASSWORD_CHARS = 1024
+EPOCH = dt.datetime(1970, 1, 1)
+STAMP_RE = re.compile(r"[0-9a-f]{1,16}")
+# Present in the store while it holds every revocation: written after re-seeding them from the
+# database, gone with the data when the store restarts empty, fails over or is flushed.
+SEEDED_FLAG = "revocations-seeded"
+SEEDED_TTL = 7 * 86400
+REVOCATION_SYNC_SECONDS = 2.0  # how stale a process's copy of the revocations may get
+REVOCATION_SYNC_SLACK = dt.timedelta(seconds=60)  # rows committed late, clocks of other hosts
 
 
 # --- passwords ------------------------------------------------------------------------------
@@ -82,16 +93,79 @@ def looks_like_api_key(value: str) -> bool:
 
 # --- tokens --------------------------------------------------------------------------------
 
+def account_stamp(created_at: dt.datetime) -> str:
+    """What binds a token to one account: its creation time in microseconds, in hex (claim ``gen``).
+
+    A user id alone does not name one account for ever (a restored backup, or SQLite before
+    AUTOINCREMENT, can hand a deleted account's id to a new one); a new account never has the
+    creation time of the deleted one, so the deleted account's tokens do not open it."""
+    return format((created_at - EPOCH) // dt.timedelta(microseconds=1), "x")
+
+
+def account_gone() -> ApiError:
+    return ApiError(401, "invalid_token", "The account of this token no longer exists")
+
+
+class RevocationMirror:
+    """This process's copy of the revocations in the database, refreshed at most every
+    ``interval`` seconds of ``clock`` (only rows revoked since the last refresh are read).
+
+    The store's flags are the fast path every worker sees at once; this copy is what makes a
+    revocation hold when the store forgets a flag (eviction) without forgetting everything."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, interval: float = REVOCATION_SYNC_SECONDS) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._expires: dict[str, dt.datetime] = {}
+        self._synced_at = -float("inf")
+        self._high_water: dt.datetime | None = None  # latest revoked_at seen
+
+    def add(self, jti: str, expires: dt.datetime) -> None:
+        with self._lock:
+            self._expires[jti] = expires
+
+    def contains(self, engine: sa.Engine, jti: str) -> bool:
+        now = self._clock()
+        if not 0 <= now - self._synced_at < self._interval:
+            self.sync(engine)
+        with self._lock:
+            return jti in self._expires
+
+    def sync(self, engine: sa.Engine, *, full: bool = False) -> None:
+        """Read revocations made since the last sync (all unexpired ones on the first, or ``full``)."""
+        c = db.revoked_tokens.c
+        now = db.utcnow()
+        query = sa.select(c.jti, c.expires_at, c.revoked_at).where(c.expires_at > now)
+        with self._lock:
+            since = None if full or self._high_water is None else self._high_water - REVOCATION_SYNC_SLACK
+            self._synced_at = self._clock()
+        if since is not None:
+            query = query.where(c.revoked_at >= since)
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        with self._lock:
+            for jti, expires, revoked in rows:
+                self._expires[jti] = expires
+                if self._high_water is None or revoked > self._high_water:
+                    self._high_water = revoked
+            if self._high_water is None:
+                self._high_water = now - REVOCATION_SYNC_SLACK
+            for jti in [j for j, expires in self._expires.items() if expires <= now]:
+                del self._expires[jti]
+
+
 class JWTManager:
     """Issues and checks tokens; keeps refresh families and revocations in the database and
     mirrors revocations into the limiter's shared store so every worker sees them at once."""
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, clock: Callable[[], float] = time.time) -> None:
         if app is not None:
-            self.init_app(app)
+            self.init_app(app, clock=clock)
 
-    def init_app(self, app: Flask) -> None:
+    def init_app(self, app: Flask, *, clock: Callable[[], float] = time.time) -> None:
         app.extensions["jwt"] = self
+        app.extensions["jwt.revocations"] = RevocationMirror(clock)
 
     # Settings are read from the app's Config at call time; nothing is kept on self.
     @staticmethod
@@ -106,6 +180,10 @@ class JWTManager:
     def _limiter():
         return current_app.extensions["rl.limiter"]
 
+    @staticmethod
+    def _mirror() -> RevocationMirror:
+        return current_app.extensions["jwt.revocations"]
+
     def _encode(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self._config().jwt_secret_key, algorithm=ALGORITHM)
 
@@ -114,14 +192,20 @@ class JWTManager:
         with self._engine().begin() as conn:
             return self._issue(conn, user_id, family_id)
 
-    def _issue(self, conn: sa.Connection, user_id: int, family_id: str | None) -> dict[str, Any]:
+    def _issue(self, conn: sa.Connection, user_id: int, family_id: str | None,
+               stamp: str | None = None) -> dict[str, Any]:
+        """Tokens for ``user_id``, bound to its account stamp (which must equal ``stamp`` if given)."""
+        created = conn.execute(sa.select(db.users.c.created_at).where(db.users.c.id == user_id)).scalar()
+        if created is None or (stamp is not None and account_stamp(created) != stamp):
+            raise account_gone()
+        stamp = account_stamp(created)
         config = self._config()
         now = int(dt.datetime.now(dt.UTC).timestamp())
         family_id = family_id or uuid.uuid4().hex
-        access = {"sub": str(user_id), "iat": now, "exp": now + config.access_token_ttl,
+        access = {"sub": str(user_id), "gen": stamp, "iat": now, "exp": now + config.access_token_ttl,
                   "jti": uuid.uuid4().hex, "type": "access", "iss": ISSUER}
         refresh_jti = uuid.uuid4().hex
-        refresh = {"sub": str(user_id), "iat": now, "exp": now + config.refresh_token_ttl,
+        refresh = {"sub": str(user_id), "gen": stamp, "iat": now, "exp": now + config.refresh_token_ttl,
                    "jti": refresh_jti, "type": "refresh", "fam": family_id, "iss": ISSUER}
         issued = db.utcnow()
         conn.execute(db.refresh_tokens.insert().values(
@@ -143,7 +227,7 @@ class JWTManager:
                 self._config().jwt_secret_key,
                 algorithms=[ALGORITHM],
                 issuer=ISSUER,
-                options={"require": ["exp", "iat", "jti", "sub", "type"]},
+                options={"require": ["exp", "iat", "jti", "sub", "type", "gen"]},
             )
         except jwt.ExpiredSignatureError:
             raise ApiError(401, "token_expired", "The token has expired") from None
@@ -153,19 +237,43 @@ class JWTManager:
             raise ApiError(401, "invalid_token", f"An {expected_type} token is required")
         if not str(claims["sub"]).isdigit():
             raise ApiError(401, "invalid_token", "The token subject is invalid")
+        if not isinstance(claims["gen"], str) or not STAMP_RE.fullmatch(claims["gen"]):
+            raise ApiError(401, "invalid_token", "The token's account stamp is invalid")
         return claims
 
+    def check_account(self, claims: dict[str, Any]) -> None:
+        """401 unless the token's account still exists: same id and same account stamp."""
+        with self._engine().connect() as conn:
+            created = conn.execute(
+                sa.select(db.users.c.created_at).where(db.users.c.id == int(claims["sub"]))
+            ).scalar()
+        if created is None or account_stamp(created) != claims["gen"]:
+            raise account_gone()
+
     def is_revoked(self, jti: str) -> bool:
-        """Shared store first (fast, seen by all workers); the database when the store is degraded."""
-        limiter = self._limiter()
-        if limiter.has_flag(f"revoked:{jti}"):
+        """Shared store first (seen by all workers at once), then the database: a store that lost
+        its data (restart, failover, eviction, flush) must not bring a revoked token back."""
+        if self._limiter().has_flag(f"revoked:{jti}"):
             return True
-        if limiter.health() == "ok":
-            return False
+        return self._revoked_in_database(jti)
+
+    def _revoked_in_database(self, jti: str) -> bool:
         with self._engine().connect() as conn:
             return conn.execute(
                 sa.select(db.revoked_tokens.c.jti).where(db.revoked_tokens.c.jti == jti)
             ).first() is not None
+
+    def revoked_although_not_flagged(self, jti: str, *, store_lost_meta: bool) -> bool:
+        """For the hot path, after the store showed no revocation flag. When the store did not have
+        the subject's meta either, it may have lost its data (restart, failover, flush): the token
+        is checked in the database, and the revocations are re-seeded if the store lost them.
+        Otherwise this process's copy of the revocations answers (a flag alone may be evicted)."""
+        if store_lost_meta:
+            if not self._limiter().has_flag(SEEDED_FLAG):
+                log.warning("the rate-limit store has lost its revocations; re-seeding them from the database")
+                self.load_revocations()
+            return self._revoked_in_database(jti)
+        return self._mirror().contains(self._engine(), jti)
 
     def revoke_access(self, claims: dict[str, Any]) -> None:
         now = db.utcnow()
@@ -177,6 +285,7 @@ class JWTManager:
             if not exists:
                 conn.execute(db.revoked_tokens.insert().values(
                     jti=claims["jti"], user_id=int(claims["sub"]), expires_at=expires, revoked_at=now))
+        self._mirror().add(claims["jti"], expires)
         ttl = max(1, int((expires - now).total_seconds()) + 1)
         self._limiter().set_flag(f"revoked:{claims['jti']}", ttl)
 
@@ -207,7 +316,7 @@ class JWTManager:
                 )
                 .values(used_at=db.utcnow())
             ).rowcount
-            tokens = self._issue(conn, int(claims["sub"]), family_id) if spent == 1 else None
+            tokens = self._issue(conn, int(claims["sub"]), family_id, claims["gen"]) if spent == 1 else None
         if tokens is None:
             self.revoke_family(family_id)
             log.warning("refresh token reuse detected; revoked family %s of user %s", family_id, claims["sub"])
@@ -215,15 +324,19 @@ class JWTManager:
         return tokens
 
     def load_revocations(self) -> int:
-        """Copy unexpired revocations from the database into the store (after a restart)."""
+        """Copy unexpired revocations from the database into the store (at start-up, and when the
+        store is found without them), then mark the store as seeded; refresh this process's copy."""
         now = db.utcnow()
         with self._engine().connect() as conn:
             rows = conn.execute(
                 sa.select(db.revoked_tokens.c.jti, db.revoked_tokens.c.expires_at)
                 .where(db.revoked_tokens.c.expires_at > now)
             ).all()
+        self._mirror().sync(self._engine(), full=True)  # first: this process is covered even if the store is down
+        limiter = self._limiter()
         for jti, expires in rows:
-            self._limiter().set_flag(f"revoked:{jti}", max(1, int((expires - now).total_seconds()) + 1))
+            limiter.set_flag(f"revoked:{jti}", max(1, int((expires - now).total_seconds()) + 1))
+        limiter.set_flag(SEEDED_FLAG, SEEDED_TTL)  # last: seen only once every flag is there
         return len(rows)
 
 
@@ -238,11 +351,12 @@ def bearer_token() -> str | None:
 
 
 def authenticate_access_token(token: str) -> dict[str, Any]:
-    """Claims of a valid, unrevoked access token, or ApiError(401)."""
+    """Claims of a valid, unrevoked access token of an account that still exists, or ApiError(401)."""
     manager: JWTManager = current_app.extensions["jwt"]
     claims = manager.decode(token, "access")
     if manager.is_revoked(claims["jti"]):
         raise ApiError(401, "token_revoked", "The token has been revoked")
+    manager.check_account(claims)
     return claims
 
 

@@ -41,6 +41,9 @@ users = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.CheckConstraint("tier IN ('free', 'basic', 'premium', 'enterprise')", name="ck_users_tier"),
+    # Ids are never reused (SQLite would hand out the highest deleted id again without AUTOINCREMENT;
+    # PostgreSQL's sequences never do): a deleted user's id must not name someone else later.
+    sqlite_autoincrement=True,
 )
 
 api_keys = sa.Table(
@@ -56,11 +59,12 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.DateTime),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("last_used_at", sa.DateTime),
-    # Migration 2: key expiry and admin-set credits (the remaining balance lives in the limiter store).
+    # Migration 3: key expiry and admin-set credits (the remaining balance lives in the limiter store).
     sa.Column("expires_at", sa.DateTime),
     sa.Column("credits", sa.Integer),
     sa.Column("credit_refill_amount", sa.Integer),
     sa.Column("credit_refill_every", sa.String(8)),
+    sqlite_autoincrement=True,
 )
 
 refresh_tokens = sa.Table(
@@ -204,9 +208,50 @@ def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_migrations])
 
 
+# Where else an id of these tables was written: the sequence restarts above all of them, so an id
+# deleted before AUTOINCREMENT existed is not handed out again either.
+_ID_REFERENCES = {
+    "users": [(usage_counters, "user_id"), (revoked_tokens, "user_id")],
+    "api_keys": [(usage_counters, "key_id")],
+}
+
+
 def _migration_2(conn: Connection) -> None:
-    """Key expiry, credits and overrides. A database created by migration 1 from this code's
-    metadata already has them, hence the checks."""
+    """SQLite: rebuild ``users`` and ``api_keys`` with AUTOINCREMENT so deleted ids are never reused
+    (the documented create-copy-drop-rename procedure; _migrate turns foreign keys off around it, so
+    dropping the old table cascades nothing). PostgreSQL: nothing to do, sequences never go back."""
+    if conn.dialect.name != "sqlite":
+        return
+    for table in (users, api_keys):
+        ddl = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :name"),
+                           {"name": table.name}).scalar_one()
+        if "AUTOINCREMENT" in ddl.upper():
+            continue  # created by migration 1 from the current metadata
+        scratch = sa.MetaData()
+        for other in metadata.sorted_tables:  # so that the copy's foreign keys resolve
+            other.to_metadata(scratch)
+        rebuilt = table.to_metadata(scratch, name=f"{table.name}__rebuilt")
+        conn.execute(sa.schema.CreateTable(rebuilt))
+        # Only the columns the live table has: later migrations add theirs (the rebuilt table has them already).
+        live = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+        copied = [column for column in table.columns if column.name in live]
+        conn.execute(rebuilt.insert().from_select([column.name for column in copied], sa.select(*copied)))
+        conn.exec_driver_sql(f'DROP TABLE "{table.name}"')
+        conn.exec_driver_sql(f'ALTER TABLE "{rebuilt.name}" RENAME TO "{table.name}"')
+        for index in table.indexes:
+            index.create(conn)
+        highest = [conn.execute(sa.select(sa.func.max(table.c.id))).scalar()]
+        highest += [conn.execute(sa.select(sa.func.max(other.c[column]))).scalar()
+                    for other, column in _ID_REFERENCES[table.name]]
+        conn.execute(sa.text("DELETE FROM sqlite_sequence WHERE name IN (:name, :scratch)"),
+                     {"name": table.name, "scratch": rebuilt.name})
+        conn.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:name, :seq)"),
+                     {"name": table.name, "seq": max([n for n in highest if n is not None], default=0)})
+
+
+def _migration_3(conn: Connection) -> None:
+    """Key expiry, credits and overrides. A database created by migration 1 (or rebuilt by migration 2)
+    from this code's metadata already has them, hence the checks."""
     have = {column["name"] for column in sa.inspect(conn).get_columns("api_keys")}
     for column in (api_keys.c.expires_at, api_keys.c.credits, api_keys.c.credit_refill_amount,
                    api_keys.c.credit_refill_every):
@@ -217,7 +262,8 @@ def _migration_2(conn: Connection) -> None:
 
 MIGRATIONS: list[tuple[int, str, Any]] = [
     (1, "initial schema", _migration_1),
-    (2, "key expiry, credits, rate overrides", _migration_2),
+    (2, "ids never reused (SQLite AUTOINCREMENT)", _migration_2),
+    (3, "key expiry, credits, rate overrides", _migration_3),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -265,7 +311,7 @@ def _migrate(engine: Engine) -> list[int]:
     with engine.begin() as conn:
         schema_migrations.create(conn, checkfirst=True)
     for version, name, step in MIGRATIONS:
-        with engine.begin() as conn:
+        with _migration_transaction(engine) as conn:
             if current_version(conn) >= version:
                 continue
             step(conn)
@@ -273,6 +319,30 @@ def _migrate(engine: Engine) -> list[int]:
             applied.append(version)
             log.info("applied migration %s (%s)", version, name)
     return applied
+
+
+@contextlib.contextmanager
+def _migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """One migration, all or nothing. On SQLite the driver would commit DDL as it goes and
+    enforce foreign keys while a table is rebuilt (dropping a parent cascades into its children):
+    so foreign keys are off, the transaction is begun explicitly, and checked before it commits."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: before BEGIN
+        conn.commit()
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise DatabaseError(f"migration left {len(broken)} row(s) with a broken foreign key")
+        finally:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 # --- engine -------------------------------------------------------------------------------

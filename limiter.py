@@ -1370,7 +1370,8 @@ class RateLimiter:
         return "ok"
 
     # ---- limits
-    def _limit(self, subject: str, limit: int, window: int | None, cost: int, record: int) -> LimitResult:
+    def _limit(self, subject: str, limit: int, window: int | None, cost: int, record: int,
+               open_when_down: bool = True) -> LimitResult:
         if cost < 1:
             raise ValueError("cost must be >= 1")
         now = round(self._clock() * US)
@@ -1382,16 +1383,19 @@ class RateLimiter:
             except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
         raw, degraded = self._exec("hit", key, now, limit, win, cost, record)
-        if degraded and self.fail_mode == "open":
+        if degraded and self.fail_mode == "open" and open_when_down:
             return LimitResult(True, limit, max(0, limit - cost), (now + win) / US, 0.0)
         return self.strategy.result(raw, now, limit, win, cost)
 
-    def hit(self, subject: str, limit: int, window: int | None = None, cost: int = 1) -> LimitResult:
+    def hit(self, subject: str, limit: int, window: int | None = None, cost: int = 1, *,
+            open_when_down: bool = True) -> LimitResult:
         """Atomically decide and, if admitted, record ``cost`` requests for ``subject``.
 
         The log is per subject (not per limit or window), so a tier change keeps what was counted.
+        ``open_when_down=False`` is for brute-force throttles (sign-in, registration): in fail mode
+        "open" they still count, per process, while the shared store is down, instead of admitting all.
         """
-        return self._limit(subject, limit, window, cost, 1)
+        return self._limit(subject, limit, window, cost, 1, open_when_down)
 
     def peek(self, subject: str, limit: int, window: int | None = None) -> LimitResult:
         """What ``hit`` would answer now for one request, consuming nothing."""

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from multidict import CIMultiDict
 
+import log_redaction
 from geo_router import Datacenter, GeoRouter
 
 log = logging.getLogger(__name__)
@@ -1600,6 +1601,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_redaction.install()  # no credential a client sends may reach the balancer's log
     try:
         config = load_config(args, os.environ)
         sock = bind_socket(config.host, config.port)

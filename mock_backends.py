@@ -218,13 +218,17 @@ def build_servers(host: str, ports: Sequence[int]) -> list[BaseWSGIServer]:
 
 def serve(servers: Sequence[BaseWSGIServer]) -> None:
     """Serve until SIGINT/SIGTERM, then stop every server and return."""
-    stop = threading.Event()
+    # The handler takes no lock (an Event's lock may be held by the very code it interrupts, a
+    # deadlock), and the main thread sleeps in short steps: the kernel may hand the signal to a
+    # server thread, and Python runs the handler only when the main thread next runs bytecode.
+    stopped: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True) for s in servers]
     for thread in threads:
         thread.start()
-    stop.wait()
+    while not stopped:
+        time.sleep(0.2)
     # A stop must never hang (a supervisor that died cannot escalate to SIGKILL): if the graceful
     # shutdown below has not finished in 5 s, leave anyway.
     watchdog = threading.Timer(5.0, os._exit, args=(0,))

@@ -63,13 +63,16 @@ COUNTS = {"type": "object", "additionalProperties": integer(minimum=0)}
 # werkzeug's own HTTP errors to.
 
 ERROR_CODES: dict[str, tuple[int, str]] = {
-    "invalid_field": (400, "A field or query parameter is missing or invalid; `field` names it"),
-    "malformed_json": (400, "The body is not valid JSON, not an object, or holds an unpaired surrogate"),
+    "invalid_field": (400, "A field or query parameter is missing or invalid (wrong type, too long, out of range, "
+                           "a NUL character or an unpaired surrogate); `field` names it"),
+    "malformed_json": (400, "The body is not valid JSON, not an object, too deeply nested, or a member name holds "
+                            "a NUL character or an unpaired surrogate"),
+    "missing_forwarded_uri": (400, "A /forward_auth call names no original request (X-Forwarded-Uri, X-Original-URI)"),
     "missing_api_key": (401, "No API key in X-API-Key, ?api_key= or the body"),
     "invalid_api_key": (401, "The API key is unknown or revoked"),
     "api_key_expired": (401, "The API key's expires_at has passed; `expired_at` says when"),
     "missing_token": (401, "No Authorization: Bearer <access_token> header"),
-    "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its user is gone"),
+    "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its account is gone"),
     "token_expired": (401, "The token has expired"),
     "token_revoked": (401, "The access token was revoked by a logout"),
     "token_reused": (401, "The refresh token was already spent or revoked; its whole login is revoked"),
@@ -275,6 +278,8 @@ SCHEMAS: dict[str, Schema] = {
                      "reset_epoch": integer(), "retry_after": integer(minimum=0)}, {"tier": ref("Tier")}),
     "SdkTrack": obj({"tracked": {"const": True}, "limit": integer(minimum=1), "remaining": integer(minimum=0),
                      "reset_epoch": integer()}, {"tier": ref("Tier")}),
+    "ForwardAuth": obj({"allowed": {"const": True}},
+                       description="the identity and the window are in the response headers (X-Auth-*, X-RateLimit-*)"),
     "Me": obj({"user": ref("User"), "api_keys": array(ref("ApiKey"))}),
     "ApiKeys": obj({"api_keys": array(ref("ApiKey"))}),
     "CreatedKey": obj({"api_key": string(description="the full key; shown only in this response"),
@@ -347,6 +352,14 @@ HEADERS: dict[str, Schema] = {
                   "schema": string(pattern=r'^"[a-z0-9-]+";r=\d+;t=\d+$', examples=['"free";r=4;t=60'])},
     "Retry-After": {"description": "whole seconds to wait before retrying (>= 1)", "schema": integer(minimum=1)},
 }
+HEADERS.update({
+    "X-Auth-User-Id": {"description": "gateway identity: the admitted user's id", "schema": string(pattern=r"^\d+$")},
+    "X-Auth-Username": {"description": "gateway identity: the admitted user's username", "schema": string()},
+    "X-Auth-Tier": {"description": "gateway identity: the tier the request was limited at", "schema": string()},
+    "X-Auth-Key-Prefix": {"description": "gateway identity: the API key's prefix (key calls only)",
+                          "schema": string()},
+})
+IDENTITY_HEADERS = {"X-Auth-User-Id": True, "X-Auth-Username": True, "X-Auth-Tier": True, "X-Auth-Key-Prefix": False}
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit-Policy", "RateLimit")
 
 
@@ -357,6 +370,36 @@ RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset
 
 HTML = "text/html"
 JS = "application/javascript"
+
+FORWARDED_URI = string(maxLength=8192, pattern=r"^(/|https?://)[\x21-\x7e]*$", examples=["/v1/orders?page=2"])
+FORWARDED_METHOD = string(enum=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"])
+FORWARD_AUTH_METHODS = ("get", "post", "put", "patch", "delete")
+ORIGINAL_PATH = {"name": "original", "in": "path", "required": True, "schema": string(),
+                 "description": "the original request's path without its leading '/' (may be empty)"}
+FORWARD_AUTH: dict[str, Any] = {
+    "tag": "gateway",
+    "summary": "Gateway decision (nginx auth_request, Caddy forward_auth, Traefik ForwardAuth, Envoy ext_authz): "
+               "the /data decision and budget for the request described by X-Forwarded-Method/X-Forwarded-Uri or "
+               "X-Original-Method/X-Original-URI; admitted: 200 with X-Auth-* identity headers for the upstream. "
+               "With X-Forward-Auth-Gateway: nginx a refusal is answered 401 (a real 401) or 403, its real status "
+               "in X-Forward-Auth-Status and its JSON body in X-Forward-Auth-Body (see API_DOCUMENTATION.md)",
+    "auth": "key_or_jwt",
+    "params": [
+        {"name": "X-Forwarded-Method", "in": "header", "required": False, "schema": FORWARDED_METHOD,
+         "description": "the original method (Traefik, Caddy); default: this call's method"},
+        {"name": "X-Forwarded-Uri", "in": "header", "required": False, "schema": FORWARDED_URI,
+         "description": "the original path and query (Traefik, Caddy); wins over X-Original-URI"},
+        {"name": "X-Original-Method", "in": "header", "required": False, "schema": FORWARDED_METHOD,
+         "description": "the original method (nginx)"},
+        {"name": "X-Original-URI", "in": "header", "required": False, "schema": FORWARDED_URI,
+         "description": "the original path and query (nginx $request_uri); its api_key parameter is a credential"},
+        API_KEY_PARAMS[0],
+    ],
+    "limited": "consume",
+    "ok": (200, "ForwardAuth"),
+    "ok_headers": IDENTITY_HEADERS,
+    "errors": {400: ["missing_forwarded_uri", "invalid_field"], 429: ["rate_limit_exceeded"]},
+}
 
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/": {"get": {"tag": "core", "summary": "Service name, version and the list of routes", "ok": (200, "Index")}},
@@ -375,6 +418,11 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "tag": "data", "summary": "The key's current window and totals; consumes nothing",
         "auth": "key", "params": API_KEY_PARAMS, "limited": "peek", "ok": (200, "KeyUsage"),
     }},
+    "/forward_auth": {method: FORWARD_AUTH for method in FORWARD_AUTH_METHODS},
+    "/forward_auth/{original}": {method: {**FORWARD_AUTH, "params": [ORIGINAL_PATH, *FORWARD_AUTH["params"]],
+                                          "summary": "The same decision, Envoy ext_authz style: the original path "
+                                                     "follows /forward_auth, the method is this call's"}
+                                 for method in FORWARD_AUTH_METHODS},
     "/auth/register": {"post": {
         "tag": "auth", "summary": "Create an account (tier free) and sign in", "body": "Register",
         "ok": (201, "Session"), "errors": {409: ["username_taken"], 429: ["too_many_registrations"]},
@@ -499,6 +547,7 @@ TAGS = [
     {"name": "core", "description": "Service information, health and this document"},
     {"name": "auth", "description": "Accounts, tokens and API keys"},
     {"name": "data", "description": "The rate-limited API: /data and /usage"},
+    {"name": "gateway", "description": "The decision a gateway asks before it lets a request through to any API"},
     {"name": "sdk", "description": "Browser SDK assets and its check/track endpoints"},
     {"name": "admin", "description": "Administration (Bearer ADMIN_TOKEN or an admin user's JWT)"},
     {"name": "metrics", "description": "Metrics and analytics"},
@@ -581,6 +630,8 @@ def success_response(route: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     response: dict[str, Any] = {"description": route["summary"], "content": content}
     if route.get("limited"):
         response["headers"] = header_refs(RATE_HEADERS, required=True)
+    for name, required in route.get("ok_headers", {}).items():
+        response["headers"].update(header_refs([name], required=required))
     return status, response
 
 

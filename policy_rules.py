@@ -55,9 +55,9 @@ def usage_fields(decision: Any) -> dict[str, Any]:
     }
 
 
-def with_credits(svc: Any, key: dict[str, Any], row: Any) -> dict[str, Any]:
+def with_credits(svc: Any, key: dict[str, Any], row: Any, subject: str) -> dict[str, Any]:
     """A key's JSON plus ``credits_remaining`` (None when the key has no credits)."""
-    key["credits_remaining"] = svc.limiter.credits_remaining(f"k:{row.id}") if row.credits is not None else None
+    key["credits_remaining"] = svc.limiter.credits_remaining(subject) if row.credits is not None else None
     return key
 
 
@@ -71,22 +71,6 @@ def track_target(body: dict[str, Any], method: str, endpoint: str) -> None:
     if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COST:
         raise bad_request("cost", f"'cost' must be an integer from 1 to {MAX_COST}")
     g.rule_cost = cost
-
-
-FORWARD_AUTH_PATH = "/forward_auth"
-
-
-def forwarded_target(request: Any) -> tuple[str, str] | None:
-    """On /forward_auth, the original request's method and path (Traefik/Caddy/Envoy or nginx headers),
-    which the policy's route rules match; None elsewhere or when they are missing."""
-    if request.path != FORWARD_AUTH_PATH:
-        return None
-    headers = request.headers
-    uri = headers.get("X-Forwarded-Uri") or headers.get("X-Original-URI")
-    if not uri:
-        return None
-    method = headers.get("X-Forwarded-Method") or headers.get("X-Original-Method") or "GET"
-    return method.upper(), uri.split("?", 1)[0]
 
 
 # --- overrides and credits in the database ----------------------------------------------------
@@ -106,7 +90,8 @@ def _newest_override(conn: sa.Connection, now: float, **target: int) -> Any:
 def subject_policy_meta(conn: sa.Connection, subject: str, now: float) -> tuple[tuple[Limit, ...], float | None, bool]:
     """(override limits, their expiry epoch, has credits) of ``k:<id>`` or ``u:<id>``: a key's own
     override wins over its owner's."""
-    kind, _, ident = subject.partition(":")
+    kind, _, rest = subject.partition(":")
+    ident = rest.partition(".")[0]  # "k:<id>.<hash tag>", "u:<id>.<account stamp>"
     row = credits_on = None
     if kind == "k":
         key = conn.execute(sa.select(db.api_keys.c.user_id, db.api_keys.c.credits)
@@ -122,12 +107,14 @@ def subject_policy_meta(conn: sa.Connection, subject: str, now: float) -> tuple[
     return override_limits(json.loads(row.limits)), db.epoch(row.expires_at), bool(credits_on)
 
 
-def affected_subjects(conn: sa.Connection, *, key_id: int | None = None, user_id: int | None = None) -> list[str]:
-    """The subjects whose effective override changes with one on this key or user."""
+def affected_rows(conn: sa.Connection, *, key_id: int | None = None,
+                  user_id: int | None = None) -> tuple[list[Any], list[Any]]:
+    """(key rows, user rows) whose effective override changes with one on this key or user."""
+    k, u = db.api_keys.c, db.users.c
     if key_id is not None:
-        return [f"k:{key_id}"]
-    ids = conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.user_id == user_id)).scalars()
-    return [f"u:{user_id}", *(f"k:{i}" for i in ids)]
+        return conn.execute(sa.select(k.id, k.key_hash).where(k.id == key_id)).all(), []
+    keys = conn.execute(sa.select(k.id, k.key_hash).where(k.user_id == user_id)).all()
+    return keys, conn.execute(sa.select(u.id, u.created_at).where(u.id == user_id)).all()
 
 
 def publish(svc: Any, subjects: Iterable[str]) -> None:

@@ -422,6 +422,8 @@ def api_component(args: argparse.Namespace, env: dict[str, str], cert_dir: Path 
         argv = [sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--bind", f"{args.host}:{port}"]
         # No control socket: its default path ($HOME/.gunicorn/gunicorn.ctl) is shared by every gunicorn.
         argv += ["--pythonpath", str(PROJECT_DIR), "--graceful-timeout", "5", "--no-control-socket"]
+        # Our settings file whatever the cwd: the pre-fork config check and the log redaction.
+        argv += ["--config", str(PROJECT_DIR / "gunicorn.conf.py")]
         argv += [*tls_args, "app:app"]
     else:
         argv = [sys.executable, str(PROJECT_DIR / "app.py"), "--host", args.host, "--port", str(port), *tls_args]
@@ -542,6 +544,29 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+class StopFlag:
+    """A flag a signal handler may set: no lock, unlike threading.Event.
+
+    The handler runs in the main thread between two bytecodes, possibly inside Event.wait with
+    the Event's (non-reentrant) lock held; Event.set would then wait for that lock forever.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep ``timeout`` seconds unless already set; True if set (then the caller stops)."""
+        if not self._set:
+            time.sleep(timeout)
+        return self._set
+
+
 class Supervisor:
     """Starts components, watches them, restarts them with backoff, and stops them all."""
 
@@ -549,8 +574,8 @@ class Supervisor:
         self.components = list(components)
         self.host = host
         self.start_timeout = start_timeout
-        self.stopping = threading.Event()
-        self.forced = threading.Event()
+        self.stopping = StopFlag()
+        self.forced = StopFlag()
         self.output_lock = threading.Lock()
         self.active: list[Component] = []
 

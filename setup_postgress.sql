@@ -1,4 +1,4 @@
--- PostgreSQL schema for the API rate limiter (schema version 2).
+-- PostgreSQL schema for the API rate limiter (schema version 3).
 --
 -- The application creates and migrates this schema by itself on start-up (and with
 -- `python database.py`); this script is for DBAs who provision the database by hand.
@@ -148,8 +148,10 @@ CREATE TABLE schema_migrations (
     name       VARCHAR(100) NOT NULL,
     applied_at TIMESTAMP WITHOUT TIME ZONE NOT NULL
 );
+-- Version 2 changes SQLite only (AUTOINCREMENT): SERIAL sequences never hand out an id twice.
 INSERT INTO schema_migrations (version, name, applied_at)
 VALUES (1, 'initial schema', (now() AT TIME ZONE 'utc')),
-       (2, 'key expiry, credits, rate overrides', (now() AT TIME ZONE 'utc'));
+       (2, 'ids never reused (SQLite AUTOINCREMENT)', (now() AT TIME ZONE 'utc')),
+       (3, 'key expiry, credits, rate overrides', (now() AT TIME ZONE 'utc'));
 
 COMMIT;

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.leak_probe import admin_views, files_under, leaks, send_credentials
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,5 +135,86 @@ def test_gunicorn_worker_flag_is_seen_by_the_app(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{free_port()}",
                              "--no-control-socket", "app:app"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert "3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("3 workers (gunicorn -w or WEB_CONCURRENCY) needs REDIS_URL") == 1
+    assert "Booting worker" not in result.stderr  # refused by the master: no worker races to fail
+
+
+@pytest.mark.parametrize("env", [
+    {"FLASK_ENV": "production", "ADMIN_TOKEN": "x"},
+    {"DB_PATH": "/nonexistent-dir/x.db"},
+], ids=["config", "database"])
+def test_gunicorn_refuses_in_the_master_before_forking_any_worker(tmp_path, env):
+    """Several workers failing at once made gunicorn's arbiter crash (exit 1, HaltServer traceback)."""
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{free_port()}",
+                             "--no-control-socket", "app:app"],
+                            cwd=ROOT, env=base_env(tmp_path, **env), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
+    assert "Booting worker" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("socketio", ["false", "true"])
+def test_python_app_logs_no_key_or_token(tmp_path, socketio):
+    """werkzeug's request lines quote the query string: `?api_key=` must come out masked."""
+    port = free_port()
+    admin = "entry-admin-token-0123456789"
+    env = base_env(tmp_path, JWT_SECRET_KEY=SECRET, ADMIN_TOKEN=admin, ENABLE_SOCKETIO=socketio)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", proc)
+        sent = send_credentials(f"http://127.0.0.1:{port}", admin)
+        views = admin_views(f"http://127.0.0.1:{port}", admin)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert leaks([out, err, *views, *files_under(tmp_path)], sent) == []
+
+
+def test_gunicorn_workers_without_jwt_secret_key_share_one_generated_key(tmp_path):
+    """Development, `gunicorn -w 2`, no JWT_SECRET_KEY: a token minted by either worker is accepted
+    by both. Tokens are minted (refreshed) and checked over fresh connections until both workers have served
+    (each answer names its worker's pid); with one key per worker about half the checks fail."""
+    port = free_port()
+    env = base_env(tmp_path, IP_RATE_LIMIT="100000")
+    env.pop("WEB_CONCURRENCY", None)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
+                                 "--no-control-socket", "--graceful-timeout", "5", "app:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not requests_ok(f"{url}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        body = {"username": "two_workers", "password": "correct horse battery"}
+        registered = requests.post(f"{url}/auth/register", json=body, timeout=30)
+        assert registered.status_code == 201, registered.text
+        refresh = registered.json()["refresh_token"]
+        pids: set[int] = set()
+        checks = 0
+        while (len(pids) < 2 or checks < 20) and checks < 400:
+            minted = requests.post(f"{url}/auth/refresh", json={"refresh_token": refresh},
+                                   headers={"Connection": "close"}, timeout=30)
+            assert minted.status_code == 200, minted.text  # the refresh token was signed by either worker
+            token, refresh = minted.json()["access_token"], minted.json()["refresh_token"]
+            me = requests.get(f"{url}/auth/me", headers={"Authorization": f"Bearer {token}", "Connection": "close"},
+                              timeout=30)
+            assert me.status_code == 200, me.text
+            pids.add(requests.get(f"{url}/api/metrics", headers={"Connection": "close"}, timeout=30).json()["pid"])
+            checks += 1
+        assert len(pids) == 2, f"only worker {pids} answered {checks} times"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "JWT_SECRET_KEY is not set: using one random key for the 2 worker(s)" in log.read_text()
+
+
+def requests_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

@@ -105,6 +105,25 @@ def test_registration_is_throttled_per_ip(make_app):
     assert response.status_code == 429 and response.get_json()["error"] == "too_many_registrations"
 
 
+@pytest.mark.parametrize("mode", ["open", "memory"])
+def test_sign_in_and_registration_throttles_hold_while_the_store_is_down(make_app, mode):
+    """RATELIMIT_FAIL_MODE=open admits API traffic during an outage, but brute-force protection
+    keeps counting per process (the store here is a closed port, not the shared Redis)."""
+    from tests.services import free_port
+
+    client = make_app(storage_url=f"redis://127.0.0.1:{free_port()}/0", fail_mode=mode,
+                      login_failures_per_ip=3, register_per_ip_per_hour=2).test_client()
+    for name in ("down1", "down2"):
+        assert client.post("/auth/register", json={"username": name, "password": PASSWORD}).status_code == 201
+    response = client.post("/auth/register", json={"username": "down3", "password": PASSWORD})
+    assert response.status_code == 429 and response.get_json()["error"] == "too_many_registrations"
+    for _ in range(3):
+        assert client.post("/auth/login", json={"username": "down1", "password": "bad-password"}).status_code == 401
+    response = client.post("/auth/login", json={"username": "down1", "password": PASSWORD})
+    assert response.status_code == 429 and response.get_json()["error"] == "too_many_failed_logins"
+    assert client.get("/health").get_json()["checks"]["limiter_store"] == "degraded"
+
+
 def test_passwords_are_stored_as_bcrypt(client, auth):
     import sqlalchemy as sa
 
@@ -207,6 +226,50 @@ def test_revocation_is_seen_by_a_second_app_instance_sharing_the_store(make_app)
     assert me(second, tokens["access_token"]).status_code == 401
 
 
+def forget_store_keys(app, pattern: str = "*") -> int:
+    """What a Redis restart without persistence, a failover or a FLUSH does to this app's keys
+    (only its private prefix: the shared Redis is never flushed)."""
+    from tests.services import require_redis
+
+    client = require_redis()
+    prefix = app.extensions["rl.config"].key_prefix
+    keys = list(client.scan_iter(match=f"{prefix}:{pattern}", count=500))
+    if keys:
+        client.delete(*keys)
+    return len(keys)
+
+
+@pytest.mark.parametrize("route", ["/auth/me", "/data"])
+def test_a_revoked_token_stays_revoked_when_the_store_loses_its_data(make_app, route):
+    first = make_app(store="redis")
+    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    one, other = first.test_client(), second.test_client()
+    revoked = one.post("/auth/register", json={"username": "wiped", "password": PASSWORD}).get_json()
+    live = one.post("/auth/login", json={"username": "wiped", "password": PASSWORD}).get_json()
+    assert one.post("/auth/logout", headers={"Authorization": f"Bearer {revoked['access_token']}"}).status_code == 200
+    assert forget_store_keys(first) > 0
+    for client in (other, one):
+        response = client.get(route, headers={"Authorization": f"Bearer {revoked['access_token']}"})
+        assert response.status_code == 401 and response.get_json()["error"] == "token_revoked", client
+        assert client.get(route, headers={"Authorization": f"Bearer {live['access_token']}"}).status_code == 200
+
+
+def test_a_revoked_token_stays_revoked_when_only_its_flag_is_evicted(make_app, clock):
+    """Eviction can drop the flag and keep the rest: every process holds its own copy of the
+    revocations, re-read from the database at most every REVOCATION_SYNC_SECONDS."""
+    first = make_app(store="redis")
+    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    one, other = first.test_client(), second.test_client()
+    tokens = one.post("/auth/register", json={"username": "evicted", "password": PASSWORD}).get_json()
+    headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert other.get("/data", headers=headers).status_code == 200
+    assert one.post("/auth/logout", headers=headers).status_code == 200
+    assert forget_store_keys(first, "{f:revoked:*") == 1
+    assert one.get("/data", headers=headers).status_code == 401  # the revoking process knows at once
+    clock.advance(auth_module.REVOCATION_SYNC_SECONDS)
+    assert other.get("/data", headers=headers).status_code == 401
+
+
 def test_revocations_survive_a_restart_on_the_memory_store(make_app, tmp_path):
     first = make_app()
     client = first.test_client()
@@ -262,6 +325,31 @@ def test_key_count_per_user_is_capped(client, auth):
         auth.create_key(tokens["access_token"])
     response = client.post("/auth/create_api_key", json={}, headers=auth.bearer(tokens["access_token"]))
     assert response.status_code == 409 and response.get_json()["error"] == "too_many_keys"
+
+
+def test_a_colliding_key_prefix_draws_a_new_key_instead_of_a_500(client, auth, monkeypatch):
+    """32 random bits of prefix collide now and then: the generator is forced to repeat the prefix
+    of an existing key twice, and the third draw must be used."""
+    real_token_hex = auth_module.secrets.token_hex
+    forced = {"left": 1}
+
+    def colliding_token_hex(nbytes: int | None = None) -> str:
+        if nbytes == 4 and forced["left"] > 0:
+            forced["left"] -= 1
+            return "deadbeef"
+        return real_token_hex(nbytes)
+
+    monkeypatch.setattr(auth_module.secrets, "token_hex", colliding_token_hex)
+    tokens = auth.register("collider")
+    first = auth.create_key(tokens["access_token"])
+    assert first["prefix"] == "rl_deadbeef"
+    forced["left"] = 2
+    response = client.post("/auth/create_api_key", json={"name": "second"}, headers=auth.bearer(tokens["access_token"]))
+    assert response.status_code == 201, response.get_json()
+    second = response.get_json()
+    assert second["prefix"] != first["prefix"] and forced["left"] == 0
+    assert client.get("/data", headers={"X-API-Key": second["api_key"]}).status_code == 200
+    assert client.get("/data", headers={"X-API-Key": first["api_key"]}).status_code == 200
 
 
 def test_user_cannot_set_own_tier_on_register(client):

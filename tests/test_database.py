@@ -111,6 +111,89 @@ def test_sql_injection_in_values_is_stored_as_text(engine):
         assert conn.execute(sa.select(db.users.c.username)).scalar_one() == name
 
 
+def add_key(engine, user_id: int, prefix: str) -> int:
+    with engine.begin() as conn:
+        return conn.execute(db.api_keys.insert().values(
+            user_id=user_id, prefix=prefix, key_hash=prefix.ljust(64, "0"), name="", blocked=False,
+            created_at=db.utcnow(),
+        ).returning(db.api_keys.c.id)).scalar_one()
+
+
+def test_deleted_user_and_key_ids_are_never_handed_out_again(engine):
+    keep = add_user(engine, "keeper")
+    gone = add_user(engine, "leaver")
+    gone_key = add_key(engine, gone, "rl_00000001")
+    with engine.begin() as conn:
+        conn.execute(db.users.delete().where(db.users.c.id == gone))  # its key goes with it (cascade)
+    newcomer = add_user(engine, "newcomer")
+    assert newcomer > gone > keep
+    assert add_key(engine, newcomer, "rl_00000002") > gone_key
+
+
+def legacy_sqlite(path: Path) -> sa.Engine:
+    """A SQLite database at schema version 1 as it was created before AUTOINCREMENT."""
+    engine = db.make_engine(f"sqlite:///{path}")
+    scratch = sa.MetaData()
+    for table in db.metadata.sorted_tables:
+        table.to_metadata(scratch).dialect_options["sqlite"]["autoincrement"] = False
+    with engine.begin() as conn:
+        scratch.create_all(conn)
+        conn.execute(db.schema_migrations.insert().values(version=1, name="initial schema", applied_at=db.utcnow()))
+    return engine
+
+
+def test_migration_2_rebuilds_legacy_sqlite_tables_without_losing_rows_or_reusing_ids(tmp_path):
+    engine = legacy_sqlite(tmp_path / "legacy.db")
+    first, second, third = (add_user(engine, name) for name in ("ann", "ben", "cat"))
+    key = add_key(engine, second, "rl_0000000a")
+    doomed_key = add_key(engine, third, "rl_0000000b")
+    now = db.utcnow()
+    with engine.begin() as conn:
+        conn.execute(db.refresh_tokens.insert().values(jti="j1", family_id="f1", user_id=second, issued_at=now,
+                                                       expires_at=now + dt.timedelta(days=1)))
+        conn.execute(db.usage_counters.insert().values(subject="u:7", bucket_start=now, key_id=None, user_id=7,
+                                                       tier="free", allowed=1, limited=0))
+        conn.execute(db.users.delete().where(db.users.c.id == third))
+        legacy_ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'users'").scalar_one()
+    assert "AUTOINCREMENT" not in legacy_ddl.upper()
+    assert add_key(engine, second, "rl_0000000c") == doomed_key  # the defect: a deleted id handed out again
+
+    assert db.migrate(engine) == [2, 3]
+
+    with engine.connect() as conn:
+        for name in ("users", "api_keys"):
+            ddl = conn.exec_driver_sql(f"SELECT sql FROM sqlite_master WHERE name = '{name}'").scalar_one()
+            assert "AUTOINCREMENT" in ddl.upper(), ddl
+        assert conn.execute(sa.select(db.users.c.id).order_by(db.users.c.id)).scalars().all() == [first, second]
+        assert key in conn.execute(sa.select(db.api_keys.c.id)).scalars().all()
+        assert conn.execute(sa.select(db.refresh_tokens.c.jti)).scalars().all() == ["j1"]  # nothing cascaded
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+    assert db.check(engine) == []
+    assert add_user(engine, "dan") == 8  # above every id ever seen, the usage counters' included
+    engine.dispose()
+
+
+def test_a_failed_sqlite_migration_leaves_nothing_behind(tmp_path, monkeypatch):
+    engine = legacy_sqlite(tmp_path / "legacy.db")
+    add_user(engine, "ann")
+
+    def broken(conn) -> None:
+        db._migration_2(conn)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(db, "MIGRATIONS", [db.MIGRATIONS[0], (2, "broken", broken)])
+    with pytest.raises(RuntimeError):
+        db.migrate(engine)
+    with engine.connect() as conn:
+        assert db.current_version(conn) == 1
+        ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'users'").scalar_one()
+        assert "AUTOINCREMENT" not in ddl.upper()
+        assert "users__rebuilt" not in sa.inspect(conn).get_table_names()
+        assert conn.execute(sa.select(db.users.c.username)).scalars().all() == ["ann"]
+    engine.dispose()
+
+
 def test_setup_postgress_sql_matches_metadata():
     url, drop = fresh_postgres_database()
     try:

@@ -12,8 +12,10 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.leak_probe import admin_views, files_under, leaks, send_credentials
 from tests.services import REDIS_URL, free_port, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,3 +213,125 @@ def test_railway_start_command_serves_on_port_with_default_two_workers(tmp_path:
     with serving(shlex.split(railway()["deploy"]["startCommand"]), env, port) as proc:
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).json()["status"] == "ok"
         assert wait_for_workers(proc.pid, 2) == 2  # sh exec'd gunicorn: proc.pid is the master
+
+
+# ---------------------------------------------------------------- both start commands
+
+
+def deployed_command(source: str, tmp_path: Path, port: int, **extra: str) -> tuple[list[str], dict[str, str]]:
+    """The exact Dockerfile CMD or railway.toml startCommand on ``port``, with the environment it gets."""
+    private = {"RATELIMIT_KEY_PREFIX": f"deploy{os.getpid()}{port}", "BCRYPT_ROUNDS": "4", **extra}
+    if source == "dockerfile":
+        argv = [arg.replace(":8000", f":{port}") for arg in json.loads(instruction("CMD")[-1])]
+        return argv, deploy_env(tmp_path, **dockerfile_env(), **private)
+    env = deploy_env(tmp_path, FLASK_ENV="production", PORT=str(port), **private)
+    return shlex.split(railway()["deploy"]["startCommand"]), env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["dockerfile", "railway"])
+def test_no_log_of_the_deployed_command_holds_a_key_or_token(tmp_path: Path, source: str) -> None:
+    require_redis()
+    port = free_port()
+    argv, env = deployed_command(source, tmp_path, port)
+    with serving(argv, env, port) as proc:
+        sent = send_credentials(f"http://127.0.0.1:{port}", DEPLOY_SECRETS["ADMIN_TOKEN"])
+        views = admin_views(f"http://127.0.0.1:{port}", DEPLOY_SECRETS["ADMIN_TOKEN"])
+    output = proc.stdout.read()
+    assert "GET /data?api_key=rl_" in output  # the access log is on, and names the key by its prefix
+    assert leaks([output, *views, *files_under(tmp_path / "data")], sent) == []
+
+
+class Slowloris:
+    """Clients that send a request head or body a byte at a time, and some that send nothing at all."""
+
+    def __init__(self, port: int, trickling: int, silent: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(trickling + silent)]
+        self.trickling = self.socks[:trickling]
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+
+    def _trickle(self) -> None:
+        for index, sock in enumerate(self.trickling):
+            if index % 2:  # a complete head, then a body one byte at a time
+                sock.sendall(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{")
+            else:  # a header line that never ends
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        while not self.stop.wait(0.5):
+            for sock in self.trickling:
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    pass  # closed by the server: that is the point
+
+    def __enter__(self) -> Slowloris:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        for sock in self.socks:
+            sock.close()
+
+
+def served_within(port: int, path: str = "/health") -> float:
+    started = time.monotonic()
+    response = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+    assert response.status_code == 200
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["dockerfile", "railway"])
+def test_slow_and_half_open_clients_do_not_stall_the_deployed_command(tmp_path: Path, source: str) -> None:
+    require_redis()
+    port = free_port()
+    argv, env = deployed_command(source, tmp_path, port, REQUEST_READ_TIMEOUT="3")
+    with serving(argv, env, port) as proc:
+        workers = wait_for_workers(proc.pid, 2)
+        threads = 8  # gunicorn.conf.py
+        with Slowloris(port, trickling=2 * workers * threads + 4, silent=2 * workers * threads) as attack:
+            time.sleep(1)  # let every slow client be accepted and start its head
+            assert max(served_within(port) for _ in range(5)) < 2.0
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(closed(sock) for sock in attack.socks):
+                time.sleep(0.2)
+            assert all(closed(sock) for sock in attack.socks), "slow clients must be cut off"
+        assert served_within(port) < 2.0
+        assert answer_after_half_close(port).startswith(b"HTTP/1.0 200")  # sent, then shut its side: answered
+
+
+def answer_after_half_close(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock`` (an error answer such as 408 may come first)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(4096):
+            pass  # the 408 answer
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # reset: closed too
+    return True
+
+
+# ---------------------------------------------------------------- documented claims
+
+
+def test_readme_names_sentinel_only_once_the_code_supports_it() -> None:
+    """The README once promised Sentinel while no module could talk to one."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").lower()
+    code = " ".join(path.read_text(encoding="utf-8").lower() for path in ROOT.glob("*.py"))
+    assert "sentinel" not in readme or "redis.sentinel" in code

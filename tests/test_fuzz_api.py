@@ -47,11 +47,14 @@ FUZZ_CONFIG = dict(
 
 @pytest.fixture
 def fuzz_app(make_app, tmp_path: Path):
-    """Factory for an app on a SQLite file in RAM when /dev/shm exists: the fuzzer makes thousands of
-    small commits, and on a virtual disk their fsyncs would take most of the run."""
+    """Factory for an app on a SQLite file in RAM when /dev/shm exists (the fuzzer makes thousands of
+    small commits, and on a virtual disk their fsyncs would take most of the run), or on a fresh
+    PostgreSQL database with ``build("postgres")``."""
     files: list[Path] = []
 
-    def build() -> Flask:
+    def build(backend: str = "sqlite") -> Flask:
+        if backend == "postgres":
+            return make_app(backend="postgres", use_clock=False, **FUZZ_CONFIG)
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
         files.append(folder / f"rl-fuzz-{uuid.uuid4().hex}.db")
         return make_app(use_clock=False, database_url=f"sqlite:///{files[-1]}", **FUZZ_CONFIG)
@@ -174,7 +177,7 @@ def test_operation_conforms_to_the_openapi_document(fuzz_app, path, method):
 
 # --- body parsers ------------------------------------------------------------------------------
 
-POST_ROUTES = sorted(path for path, methods in openapi.ROUTES.items() if "post" in methods)
+POST_ROUTES = sorted(path for path, methods in openapi.ROUTES.items() if methods.get("post", {}).get("body"))
 json_scalars = (
     st.none()
     | st.booleans()
@@ -266,3 +269,64 @@ def test_post_bodies_never_cause_a_server_error(fuzz_app, path):
             assert isinstance(payload.get("error"), str) and isinstance(payload.get("message"), str), payload
 
     check()
+
+
+# --- strings PostgreSQL cannot store -----------------------------------------------------------
+
+with_nul = st.one_of(
+    st.sampled_from(["\x00", "fuzz_user\x00", "rl_deadbeef\x00", "free\x00", "203.0.113.7\x00", "\udfff\x00"]),
+    st.tuples(st.text(max_size=12), st.text(max_size=12)).map(lambda parts: f"{parts[0]}\x00{parts[1]}"),
+)
+nasty_text = st.one_of(
+    with_nul,
+    st.text(alphabet=st.characters(categories=["Cc", "Cs", "Ll", "Nd"]), max_size=40),  # Cs: lone surrogates
+    st.integers(min_value=65, max_value=20_000).map(lambda n: "x" * n),
+)
+# Weighted towards NUL, the one PostgreSQL refuses; wrong types and containers too.
+nasty_values = st.one_of(with_nul, with_nul, nasty_text, json_scalars, st.lists(nasty_text, max_size=3),
+                         st.dictionaries(nasty_text, nasty_text, max_size=2))
+
+
+@st.composite
+def bodies_with_a_nasty_field(draw: st.DrawFn, path: str, target: str) -> bytes:
+    """``target`` holds a string with NUL, a lone surrogate, control characters or many characters,
+    or a value of the wrong type; any subset of the other fields is present at plausible values, so
+    that the bad one gets past the others' checks and as deep into the route as it can."""
+    others = draw(st.sets(st.sampled_from([name for name in field_names(path) if name != target] or [target])))
+    body = {name: PLAUSIBLE.get(name, ["x"])[0] for name in others - {target}}
+    body[target] = draw(nasty_values)
+    return json.dumps(body, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+
+
+POST_FIELDS = [(path, name) for path in POST_ROUTES for name in field_names(path)]
+
+
+@pytest.mark.parametrize(("path", "target"), POST_FIELDS, ids=[f"{p} {n}" for p, n in POST_FIELDS])
+def test_nul_surrogates_long_strings_and_wrong_types_never_500_on_postgres(fuzz_app, path, target):
+    """PostgreSQL refuses NUL in text (SQLite stores it): every field of every JSON route is a 4xx in
+    the error shape there, never a 500 (a NUL username in /admin/upgrade_tier was one)."""
+    application = fuzz_app("postgres")
+    credentials = Credentials(application)
+    client = application.test_client()
+    route = openapi.ROUTES[path]["post"]
+
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=bodies_with_a_nasty_field(path, target))
+    def check(body: bytes) -> None:
+        credentials.ensure_usable()
+        headers = {"Content-Type": "application/json", **credentials.headers_for(route.get("auth", "none"), path)}
+        response = client.post(path, data=body, headers=headers)
+        assert response.status_code < 500, (path, body[:200], response.get_data()[:300])
+        if response.status_code >= 400:
+            payload = response.get_json()
+            assert isinstance(payload.get("error"), str) and isinstance(payload.get("message"), str), payload
+
+    check()
+
+
+def test_nul_in_the_username_of_upgrade_tier_is_a_400_naming_the_field_on_postgres(fuzz_app):
+    client = fuzz_app("postgres").test_client()
+    response = client.post("/admin/upgrade_tier", json={"username": "a\x00b", "tier": "basic"},
+                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 400 and response.get_json()["field"] == "username"

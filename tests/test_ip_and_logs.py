@@ -211,12 +211,15 @@ def test_log_retention_runs_by_itself_on_the_apps_clock(make_app, clock, tmp_pat
     db.add_request_logs(svc.engine, [{**row, "timestamp": now - dt.timedelta(days=15), "path": "/old"},
                                      {**row, "timestamp": now - dt.timedelta(days=1), "path": "/recent"}])
 
+    def logged_paths() -> list[str]:
+        with svc.engine.connect() as conn:
+            return list(conn.execute(sa.select(db.request_logs.c.path)).scalars().all())
+
     clock.advance(app_module.HOUSEKEEPING_SECONDS + 1)
-    wait_until(lambda: not old.exists())
+    # The pass removes files first, then rows: wait for both rather than the first one seen.
+    wait_until(lambda: not old.exists() and "/old" not in logged_paths())
     assert recent.exists() and (log_dir / "requests.log").exists()
-    with svc.engine.connect() as conn:
-        paths = conn.execute(sa.select(db.request_logs.c.path)).scalars().all()
-    assert "/old" not in paths and "/recent" in paths
+    assert "/recent" in logged_paths()
     assert svc.housekeeping_due == pytest.approx(clock.now + app_module.HOUSEKEEPING_SECONDS)
 
 

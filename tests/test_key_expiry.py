@@ -67,16 +67,16 @@ def test_usage_and_me_show_the_expiry(client, auth, clock):
     assert client.get("/usage", headers={"X-API-Key": plain["api_key"]}).get_json()["expires_at"] is None
 
 
-def _downgrade_to_version_1(engine: sa.Engine) -> None:
+def _downgrade_to_version_2(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE rate_overrides"))
         for column in ("expires_at", "credits", "credit_refill_amount", "credit_refill_every"):
             conn.execute(sa.text(f"ALTER TABLE api_keys DROP COLUMN {column}"))
-        conn.execute(db.schema_migrations.delete().where(db.schema_migrations.c.version > 1))
+        conn.execute(db.schema_migrations.delete().where(db.schema_migrations.c.version > 2))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_a_version_1_database_migrates_to_version_2(tmp_path, backend):
+def test_a_version_2_database_migrates_to_version_3(tmp_path, backend):
     drop = None
     url = f"sqlite:///{tmp_path / 'v1.db'}"
     if backend == "postgres":
@@ -84,9 +84,9 @@ def test_a_version_1_database_migrates_to_version_2(tmp_path, backend):
     try:
         engine = db.make_engine(url)
         db.migrate(engine)
-        _downgrade_to_version_1(engine)
+        _downgrade_to_version_2(engine)
         assert db.check(engine) != []
-        assert db.migrate(engine) == [2]
+        assert db.migrate(engine) == [3]
         assert db.check(engine) == []
         engine.dispose()
     finally:

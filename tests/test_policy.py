@@ -126,18 +126,3 @@ def test_the_app_starts_with_the_example_policy(make_app):
     app = make_app(policy_path=str(ROOT / "policy.example.toml"))
     assert app.extensions["rl"].rules.tiers["basic"][1].quota == 5000
 
-
-def test_forward_auth_matches_routes_on_the_forwarded_request():
-    from werkzeug.test import EnvironBuilder
-    from werkzeug.wrappers import Request
-
-    from policy_rules import forwarded_target
-
-    def target(path, **headers):
-        return forwarded_target(Request(EnvironBuilder(path=path, headers=headers).get_environ()))
-
-    assert target("/forward_auth", **{"X-Forwarded-Method": "post", "X-Forwarded-Uri": "/v1/search?q=1"}) == (
-        "POST", "/v1/search")
-    assert target("/forward_auth", **{"X-Original-Method": "GET", "X-Original-URI": "/status"}) == ("GET", "/status")
-    assert target("/forward_auth") is None
-    assert target("/data", **{"X-Forwarded-Uri": "/v1/search"}) is None

@@ -308,3 +308,18 @@ def test_low_credits_are_emailed_once(make_app, auth, clock, smtp_server):  # no
     assert application.extensions["rl"].notifier.close(timeout=10)
     subjects = [message["Subject"] for message in inbox.messages()]
     assert subjects == [f"[RateLimiter] Credits running low: {key['prefix']}"]
+
+
+def test_route_rules_apply_to_the_request_forward_auth_describes(make_app, auth, tmp_path):
+    text = ('[[routes]]\nmatch = "POST /v1/search*"\ncost = 5\n'
+            '[[routes]]\nmatch = "GET /status"\nexempt = true\n')
+    client, key, _ = client_and_key(policy_app(make_app, tmp_path, text), auth)
+
+    def forward(method, uri, **headers):
+        return client.get("/forward_auth", headers={"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, **headers})
+
+    assert forward("GET", "/status").status_code == 200  # exempt: no key needed, nothing counted
+    search = forward("POST", "/v1/search?q=x", **{"X-API-Key": key["api_key"]})
+    assert search.status_code == 200 and search.headers["X-RateLimit-Remaining"] == "0"  # cost 5 of 5
+    refused = forward("GET", "/v1/orders", **{"X-API-Key": key["api_key"]})
+    assert refused.status_code == 429 and refused.get_json()["policy"] == "free-minute"

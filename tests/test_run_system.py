@@ -18,6 +18,7 @@ import requests
 import sqlalchemy as sa
 
 import run_system
+from tests.leak_probe import files_under, leaks, send_credentials
 from tests.services import free_port, fresh_postgres_database, port_open, require_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,29 @@ def test_restart_backoff_doubles_to_the_cap_and_the_budget_renews_after_the_wind
     assert policy.next_delay() is None
     now[0] = 61.0
     assert policy.next_delay() == 1
+
+
+def test_a_stop_signal_arriving_in_the_middle_of_a_wait_does_not_deadlock() -> None:
+    """The handler runs between two bytecodes of the main thread, even inside the wait itself."""
+    supervisor = run_system.Supervisor([], "127.0.0.1", 1.0)
+
+    def waiting_while_signals_arrive() -> None:
+        def tracer(frame, event, _arg):  # a signal delivered at every line the wait executes
+            if event == "line":
+                supervisor.request_stop(signal.SIGTERM)
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            supervisor.stopping.wait(0.01)
+        finally:
+            sys.settrace(None)
+
+    waiter = threading.Thread(target=waiting_while_signals_arrive, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "request_stop waited for a lock held by the code it interrupted"
+    assert supervisor.stopping.is_set() and supervisor.forced.is_set()
 
 
 # ---------------------------------------------------------------- checks before start
@@ -399,3 +423,41 @@ def test_database_url_is_checked_and_given_to_the_api(launch, full_ports) -> Non
         engine.dispose()
     finally:
         drop()
+
+
+def test_backends_stop_when_sigterm_lands_on_one_of_their_server_threads(tmp_path: Path) -> None:
+    """The parent-death SIGTERM may be delivered to any thread; the backends once ignored it then."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "mock_backends.py"), "--ports", str(port)],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
+            time.sleep(0.05)
+        tasks = Path(f"/proc/{proc.pid}/task")
+        while not (threads := [int(tid) for tid in os.listdir(tasks) if int(tid) != proc.pid]):
+            time.sleep(0.05)
+        os.kill(threads[0], signal.SIGTERM)  # kill() with a thread's id: Linux hands the signal to that thread
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_dev_system_output_and_logs_hold_no_key_or_token(launch, tmp_path: Path, full_ports) -> None:
+    api, lb, backends = full_ports
+    admin = "run-system-admin-token-0123456789"
+    system = launch(["--dev", "--skip-db", *port_args(api, lb, backends)], clean_env(tmp_path, ADMIN_TOKEN=admin))
+    system.table()
+    sent = send_credentials(f"http://127.0.0.1:{api}", admin)
+    key, access = sent[0], sent[3]
+    bearer = {"Authorization": f"Bearer {access}"}
+    through_lb = requests.get(f"http://127.0.0.1:{lb}/data?api_key={key}", headers=bearer, timeout=10)
+    assert through_lb.status_code == 200
+    assert system.stop() == 0
+    assert leaks([*system.lines, *files_under(tmp_path)], sent) == []

@@ -55,6 +55,21 @@ def admin_paths(app) -> list[str]:
     return sorted({concrete(rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint.startswith("admin.")})
 
 
+def key_subject(app, key: dict[str, Any]) -> str:
+    """The limiter subject of an API key as created by the API."""
+    import app as app_module
+
+    return app_module.key_subject(key["id"], auth_module.hash_api_key(key["api_key"]))
+
+
+def user_subject(app, user: dict[str, Any]) -> str:
+    """The limiter subject of a registered user's tokens."""
+    import app as app_module
+
+    claims = jwt.decode(user["access_token"], options={"verify_signature": False})
+    return app_module.user_subject(user["user"]["id"], claims["gen"])
+
+
 def audit_count(app) -> int:
     with app.extensions["rl"].engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(db.audit_log)).scalar_one()
@@ -226,6 +241,67 @@ def test_user_deleted_by_an_admin_is_refused_everywhere_at_once(client, auth):
     assert client.get("/data", headers={"X-API-Key": key["api_key"]}).status_code == 401
     assert client.delete(f"/admin/users/{tokens['user']['id']}", headers=auth.admin).status_code == 404
     assert client.get("/admin/audit", headers=auth.admin).get_json()["entries"][0]["action"] == "delete_user"
+
+
+def two_instances(make_app, backend: str):
+    """Two app instances on one database and one Redis key prefix (as two hosts would run)."""
+    first = make_app(backend=backend, store="redis")
+    config = first.extensions["rl.config"]
+    second = make_app(store="redis", key_prefix=config.key_prefix, database_url=config.database_url)
+    return first, second
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_deleted_users_token_and_key_do_not_reach_the_next_account(make_app, auth, backend):
+    """Deleting a user and registering another must not hand the old token or key the new account,
+    on the instance that deleted it or on another one that had the old key cached."""
+    first, second = two_instances(make_app, backend)
+    one, other = first.test_client(), second.test_client()
+    auth._client = one
+    old_user, old_key = auth.user_with_key()
+    old_token = bearer(old_user["access_token"])
+    assert other.get("/data", headers={"X-API-Key": old_key["api_key"]}).status_code == 200  # cached there
+    assert other.get("/data", headers=old_token).status_code == 200
+    assert one.delete(f"/admin/users/{old_user['user']['id']}", headers=ADMIN).status_code == 200
+    new_user, new_key = auth.user_with_key()
+    assert new_user["user"]["id"] > old_user["user"]["id"] and new_key["id"] > old_key["id"]
+    for client in (one, other):
+        assert client.get("/auth/me", headers=old_token).status_code == 401
+        assert client.post("/auth/create_api_key", json={}, headers=old_token).status_code == 401
+        assert client.get("/data", headers=old_token).status_code == 401
+        assert client.get("/data", headers={"X-API-Key": old_key["api_key"]}).status_code == 401
+    assert one.get("/usage", headers={"X-API-Key": new_key["api_key"]}).get_json()["used"] == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_tokens_and_cached_keys_stay_bound_to_their_account_when_an_id_comes_back(make_app, auth, backend):
+    """Even if the database hands a deleted account's ids out again (a restored backup, SQLite before
+    AUTOINCREMENT), the old token and the old key, cached on another instance, open nothing."""
+    first, second = two_instances(make_app, backend)
+    one, other = first.test_client(), second.test_client()
+    auth._client = one
+    old_user, old_key = auth.user_with_key()
+    old_token = bearer(old_user["access_token"])
+    assert other.get("/data", headers={"X-API-Key": old_key["api_key"]}).status_code == 200
+    assert other.get("/data", headers=old_token).status_code == 200
+    assert one.delete(f"/admin/users/{old_user['user']['id']}", headers=ADMIN).status_code == 200
+    heir_key = auth_module.generate_api_key()
+    now = db.utcnow()
+    with first.extensions["rl"].engine.begin() as conn:  # the same ids, given to a new account and key
+        conn.execute(db.users.insert().values(id=old_user["user"]["id"], username="heir", password_hash="x" * 60,
+                                              tier="free", is_admin=False, created_at=now, updated_at=now))
+        conn.execute(db.api_keys.insert().values(id=old_key["id"], user_id=old_user["user"]["id"],
+                                                 prefix=heir_key.prefix, key_hash=heir_key.key_hash, name="",
+                                                 blocked=False, created_at=now))
+    upgraded = one.post("/admin/upgrade_tier", json={"username": "heir", "tier": "basic"}, headers=ADMIN)
+    assert upgraded.status_code == 200  # writes the heir's meta, as registering would
+    for client in (one, other):
+        assert client.get("/auth/me", headers=old_token).status_code == 401
+        assert client.get("/data", headers=old_token).status_code == 401
+        assert client.get("/data", headers={"X-API-Key": old_key["api_key"]}).status_code == 401
+    usage = one.get("/usage", headers={"X-API-Key": heir_key.key})
+    assert usage.status_code == 200 and usage.get_json()["used"] == 0
+    assert other.get("/data", headers={"X-API-Key": heir_key.key}).status_code == 200
 
 
 def test_an_api_key_differing_in_one_character_is_invalid(client, auth):
@@ -496,7 +572,10 @@ def test_no_operation_accepts_a_url_to_fetch(client):
     spec = client.get("/openapi.json").get_json()
     inputs = request_inputs(spec)
     assert ("post /auth/register", "username") in inputs  # the walk really reads request bodies
-    assert [(op, name) for op, name in inputs if URL_LIKE.search(name)] == []
+    # /forward_auth's headers describe the client's request to the decision; nothing fetches them
+    # (tests/test_gateway.py::test_an_absolute_forwarded_uri_is_read_never_fetched).
+    described = {"X-Forwarded-Uri", "X-Original-URI"}
+    assert [(op, name) for op, name in inputs if URL_LIKE.search(name) and name not in described] == []
     formats = re.findall(r'"format":\s*"(uri[^"]*|url)"', json.dumps(spec))
     assert formats == []
 
@@ -668,10 +747,28 @@ def test_unknown_tier_in_store_meta_falls_back_to_the_default_limit(make_app, au
     client = app.test_client()
     auth._client = client
     _, key = auth.user_with_key()
-    app.extensions["rl"].limiter.set_meta(f"k:{key['id']}", tier="platinum", blocked=False)
+    app.extensions["rl"].limiter.set_meta(key_subject(app, key), tier="platinum", blocked=False)
     statuses = [client.get("/data", headers={"X-API-Key": key["api_key"]}) for _ in range(6)]
     assert [r.status_code for r in statuses] == [200] * 5 + [429]
     assert statuses[0].get_json()["usage"]["limit"] == app.extensions["rl.config"].tier_limits["free"]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_data_body_and_headers_report_the_same_cleaned_tier(make_app, auth, store):
+    """A tier the store holds but the config does not know is reported as the tier it was limited
+    at (free) in the body as in the headers, for a key and for a user's token."""
+    app = make_app(store=store)
+    client = app.test_client()
+    auth._client = client
+    user, key = auth.user_with_key()
+    svc = app.extensions["rl"]
+    svc.limiter.set_meta(key_subject(app, key), tier="platinum", blocked=False)
+    svc.limiter.set_meta(user_subject(app, user), tier="platinum", blocked=False)
+    for response in (client.get("/data", headers={"X-API-Key": key["api_key"]}),
+                     client.get("/data", headers=auth.bearer(user["access_token"]))):
+        assert response.status_code == 200
+        assert response.get_json()["tier"] == "free"
+        assert response.headers["RateLimit-Policy"].startswith('"free";')
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
@@ -683,8 +780,8 @@ def test_malformed_tier_in_store_meta_never_500s_or_splits_headers(make_app, aut
     auth._client = client
     user, key = auth.user_with_key()
     svc = app.extensions["rl"]
-    svc.limiter.set_meta(f"k:{key['id']}", tier=tier, blocked=False)
-    svc.limiter.set_meta(f"u:{user['user']['id']}", tier=tier, blocked=False)
+    svc.limiter.set_meta(key_subject(app, key), tier=tier, blocked=False)
+    svc.limiter.set_meta(user_subject(app, user), tier=tier, blocked=False)
     for response in (client.get("/data", headers={"X-API-Key": key["api_key"]}),
                      client.get("/data", headers=auth.bearer(user["access_token"]))):
         assert response.status_code == 200, response.get_data(as_text=True)[:200]
