@@ -146,6 +146,7 @@ class Metrics:
         self.by_status: Counter[str] = Counter()
         self.by_tier: dict[str, Counter[str]] = defaultdict(Counter)
         self.alerts: Counter[str] = Counter()
+        self.shadow_refusals: Counter[str] = Counter()  # per policy (limit) name
         self.latency_sum = 0.0
 
     def observe_request(self, status: int, duration: float) -> None:
@@ -167,6 +168,10 @@ class Metrics:
         with self._lock:
             self.ip_refused_total += 1
 
+    def observe_shadow_refusal(self, policy: str) -> None:
+        with self._lock:
+            self.shadow_refusals[policy] += 1
+
     def observe_alert(self, kind: str) -> None:
         with self._lock:
             self.alerts[kind] += 1
@@ -182,6 +187,7 @@ class Metrics:
                 "by_tier": {tier: dict(counts) for tier, counts in self.by_tier.items()},
                 "by_status": dict(self.by_status),
                 "alerts": dict(self.alerts),
+                "shadow_refusals": dict(self.shadow_refusals),
                 "avg_response_ms": round(self.latency_sum / self.requests_total * 1000, 3)
                 if self.requests_total else 0.0,
             }
@@ -214,6 +220,11 @@ class MetricsCollector(Collector):
         for kind, count in sorted(snap["alerts"].items()):
             alerts.add_metric([kind], count)
         yield alerts
+        shadow = CounterMetricFamily("ratelimit_shadow_refusals", "Requests a shadow limit would have refused",
+                                     labels=["policy"])
+        for policy, count in sorted(snap["shadow_refusals"].items()):
+            shadow.add_metric([policy], count)
+        yield shadow
         uptime = GaugeMetricFamily("ratelimiter_uptime_seconds", "Seconds since this process started")
         uptime.add_metric([], snap["uptime_seconds"])
         yield uptime

@@ -41,12 +41,14 @@ import database as db
 import errors
 import gateway
 import log_redaction
+import policy_rules
 from analytics import Metrics, MetricsCollector, UsageRecorder
 from config import TIER_ORDER, Config, ConfigError
 from errors import ApiError, bad_request
-from limiter import LimitResult, RateLimiter, RequestDecision, StoreUnavailable
+from limiter import LimitResult, PolicyDecision, RateLimiter, RequestDecision, StoreUnavailable
 from log_manager import AbuseDetector, Alert, BatchWriter, RefusalSampler, RequestLogger, configure_logging
 from notifier import Notifier
+from policy import Policy, load_policy
 
 log = logging.getLogger("ratelimiter")
 
@@ -88,6 +90,7 @@ class KeyRecord:
     prefix: str
     name: str
     tag: str  # the start of the key's hash: binds the record to this very key
+    expires_at: float | None = None  # epoch seconds; immutable, so the per-process cache may hold it
 
     @property
     def subject(self) -> str:
@@ -129,12 +132,13 @@ class KeyDirectory:
         c = db.api_keys.c
         with self._engine.connect() as conn:
             row = conn.execute(
-                sa.select(c.id, c.user_id, c.prefix, c.name, c.key_hash)
+                sa.select(c.id, c.user_id, c.prefix, c.name, c.key_hash, c.expires_at)
                 .where(c.key_hash == key_hash, c.revoked_at.is_(None))
             ).first()
         record = None
         if row is not None and hmac.compare_digest(row.key_hash, key_hash):
-            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, row.key_hash[:KEY_TAG_CHARS])
+            record = KeyRecord(row.id, row.user_id, row.prefix, row.name, row.key_hash[:KEY_TAG_CHARS],
+                               db.epoch(row.expires_at))
         with self._lock:
             if record is None:
                 self._misses[key_hash] = self._clock() + self._miss_ttl
@@ -208,6 +212,9 @@ class Services:
     analytics_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     analytics_cache: tuple[float, dt.datetime | None, list[Any]] = (0.0, None, [])
     housekeeping_due: float = 0.0  # svc.clock() time of the next retention pass; 0: not run yet
+    rules: Policy | None = None  # RATELIMIT_POLICY; None: the tier limits over one window, as before
+    # key id -> (cached at, low-credit threshold, refill period): read once a minute per process
+    credit_grants: dict[int, tuple[float, int, str | None]] = dataclasses.field(default_factory=dict)
 
     def now(self) -> dt.datetime:
         """The injected clock as a naive UTC datetime, the form usage buckets are stored in."""
@@ -375,15 +382,22 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
 
 
 def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *,
-           consume: bool = True) -> RequestDecision:
+           consume: bool = True) -> RequestDecision | PolicyDecision:
     """One store round trip: IP check plus the subject's hit, or peek with ``consume=False``
     (a second trip only if the subject's meta was evicted from the store). ``meta_missing`` stays
-    True when the meta had to be loaded: the store may have lost other data (flags) too."""
+    True when the meta had to be loaded: the store may have lost other data (flags) too. With a
+    policy file, a cost, or a subject with an override or credits, the multi-limit decision
+    (decide_policy) instead."""
+    if svc.rules is not None or g.get("rule_cost", 1) > 1:
+        return decide_policy(svc, ip, subject, flags, consume=consume)
     decision = svc.limiter.check_request(ip, subject, flags, consume=consume)
+    if decision.needs_policy:
+        return decide_policy(svc, ip, subject, flags, consume=consume, diverted=True)
     if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
-        tier, blocked = load_meta(svc, subject)
-        svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
+        reload_meta(svc, subject)
         retry = svc.limiter.check_request(None, subject, flags, consume=consume)
+        if retry.needs_policy:
+            return decide_policy(svc, ip, subject, flags, consume=consume, ip_decision=decision.ip, diverted=True)
         decision = retry._replace(ip=decision.ip, meta_missing=True)
     if ip is not None:
         g.ip_checked = True
@@ -391,7 +405,7 @@ def decide(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (
     return decision
 
 
-def clean_tier(svc: Services, decision: RequestDecision) -> str:
+def clean_tier(svc: Services, decision: RequestDecision | PolicyDecision) -> str:
     """The tier to report for a decision, the same in headers and body.
 
     The store's meta is data, not trusted: a tier it does not know was limited at the default
@@ -399,9 +413,11 @@ def clean_tier(svc: Services, decision: RequestDecision) -> str:
     return decision.tier if decision.tier in svc.config.tier_limits else "free"
 
 
-def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: KeyRecord | None,
+def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subject: str, *, key: KeyRecord | None,
                 user_id: int) -> LimitResult:
     """Turn a decision into headers on ``g`` and a 429 when refused; count it for analytics."""
+    if isinstance(decision, PolicyDecision):
+        return apply_policy(svc, decision, subject, key=key, user_id=user_id)
     result = decision.result
     tier = clean_tier(svc, decision)
     assert result is not None
@@ -420,6 +436,127 @@ def apply_limit(svc: Services, decision: RequestDecision, subject: str, *, key: 
                        f"for the {tier} tier; retry in {retry} s",
                        limit=result.limit, remaining=0, retry_after=retry, tier=tier)
     return result
+
+
+# --- policy decisions: several limits, cost, overrides, credits, shadow ---------------------------
+
+def policy_route(svc: Services) -> Any:
+    """The policy route of this request (the tracked or forwarded endpoint where a view set
+    ``g.rule_target``, else the request itself), or None."""
+    if svc.rules is None:
+        return None
+    if "rule_target" in g:
+        target = g.rule_target
+    elif "forwarded" in g:  # /forward_auth: the request the gateway describes
+        target = (g.forwarded.method, g.forwarded.path)
+    else:
+        target = (request.method, request.path)
+    return svc.rules.route_for(*target) if target else None
+
+
+def exempt_request(svc: Services) -> bool:
+    """True for a route the policy marks exempt: only the per-IP limit applies (checked here)."""
+    route = policy_route(svc)
+    if route is None or not route.exempt:
+        return False
+    g.ip_checked = True
+    ip_guard(svc, g.client_ip)
+    return True
+
+
+def reload_meta(svc: Services, subject: str) -> None:
+    """Refill the store's meta of ``subject`` from the database: tier, blocked, override, credits."""
+    tier, blocked = load_meta(svc, subject)
+    svc.limiter.set_meta(subject, tier=tier, blocked=blocked)
+    with svc.engine.connect() as conn:
+        limits, expires, credits_on = policy_rules.subject_policy_meta(conn, subject, svc.clock())
+    if limits or credits_on:
+        svc.limiter.set_policy_meta(subject, override=limits, expires_at=expires, credits=credits_on)
+
+
+def decide_policy(svc: Services, ip: str | None, subject: str, flags: Sequence[str] = (), *, consume: bool = True,
+                  ip_decision: Any = None, diverted: bool = False) -> PolicyDecision:
+    """Every limit that applies, cost and credits in one store round trip (``ip_decision``: the IP
+    was already checked by an earlier call that counted nothing; ``diverted``: the single-limit
+    script already answered that this subject needs the policy script)."""
+    route = policy_route(svc)
+    cost = g.get("rule_cost") or (route.cost if route is not None else 1)
+    decision = svc.limiter.check_policy(None if ip_decision else ip, subject, flags, route=route, cost=cost,
+                                        consume=consume, single=not diverted)
+    if ip_decision is not None:
+        decision = decision._replace(ip=ip_decision)
+    if decision.meta_missing and (decision.ip is None or decision.ip.allowed):
+        reload_meta(svc, subject)
+        retry = svc.limiter.check_policy(None, subject, flags, route=route, cost=cost, consume=consume,
+                                         single=not diverted)
+        decision = retry._replace(ip=decision.ip, meta_missing=True)
+    if ip is not None:
+        g.ip_checked = True
+        record_ip_decision(svc, ip, decision.ip)
+    g.policy_decision = decision
+    return decision
+
+
+def apply_policy(svc: Services, decision: PolicyDecision, subject: str, *, key: KeyRecord | None,
+                 user_id: int) -> LimitResult:
+    """Headers, analytics, shadow reports and credit alerts of a multi-limit decision; 429 naming the
+    refusing limit, or 403 credits_exhausted."""
+    result, reported = decision.result, decision.reported
+    assert result is not None and reported is not None
+    tier = clean_tier(svc, decision)
+    g.rate_headers = policy_rules.policy_headers(decision, svc.clock())
+    g.tier = tier
+    for outcome in decision.shadow_refused:
+        report_shadow_refusal(svc, subject, outcome)
+    usage_subject = f"k:{key.id}" if key else f"u:{user_id}"  # as in apply_limit: plain ids for analytics
+    svc.usage.record(usage_subject, key_id=key.id if key else None, user_id=user_id, tier=tier,
+                     allowed=decision.allowed)
+    svc.metrics.observe_decision(tier, decision.allowed)
+    if decision.credits is not None and key is not None and decision.allowed:
+        check_low_credits(svc, key, decision.credits)
+    if decision.credits_exhausted:
+        raise ApiError(403, "credits_exhausted", "This API key has used up its credits",
+                       credits_remaining=decision.credits)
+    if not decision.allowed:
+        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
+        retry = max(1, epoch_ceil(result.retry_after))
+        raise ApiError(429, "rate_limit_exceeded",
+                       f"Rate limit {reported.name} ({reported.quota} per {reported.window} s) exceeded; "
+                       f"retry in {retry} s", limit=reported.quota, remaining=0, retry_after=retry, tier=tier,
+                       policy=reported.name)
+    return result
+
+
+def report_shadow_refusal(svc: Services, subject: str, outcome: Any) -> None:
+    """Count a would-be refusal; log it once per subject and limit per window (on every worker, via
+    the store's atomic hit)."""
+    svc.metrics.observe_shadow_refusal(outcome.name)
+    if svc.limiter.hit(f"shadow:{subject}:{outcome.name}", 1, outcome.window).allowed:
+        log.warning("shadow limit %s would refuse %s (%s per %s s)", outcome.name, subject, outcome.quota,
+                    outcome.window, extra={"event": "shadow_refusal", "subject": subject, "policy": outcome.name})
+
+
+CREDIT_GRANT_CACHE_SECONDS = 60.0
+
+
+def check_low_credits(svc: Services, key: KeyRecord, remaining: int) -> None:
+    """E-mail (through the event bus) when a key's credits run low: once per key per refill period."""
+    cached = svc.credit_grants.get(key.id)
+    if cached is None or time.monotonic() - cached[0] > CREDIT_GRANT_CACHE_SECONDS:
+        with svc.engine.connect() as conn:
+            row = conn.execute(sa.select(db.api_keys.c.credits, db.api_keys.c.credit_refill_amount,
+                                         db.api_keys.c.credit_refill_every).where(db.api_keys.c.id == key.id)).first()
+        threshold = policy_rules.low_credit_threshold(row.credits, row.credit_refill_amount) if row else 0
+        every = row.credit_refill_every if row else None
+        cached = svc.credit_grants[key.id] = (time.monotonic(), threshold, every)
+    _, threshold, every = cached
+    if remaining > threshold:
+        return
+    now = svc.now()
+    period, seconds = ((f"m{now.year}-{now.month}", 32 * 86400) if every == "month"
+                       else (f"d{now.date()}", 86400) if every == "day" else ("once", 30 * 86400))
+    if svc.limiter.hit(f"credits-low:{key.id}:{period}", 1, seconds).allowed:
+        svc.events.emit("credits_low", key.prefix, key_id=key.id, credits_remaining=remaining, threshold=threshold)
 
 
 def api_key_from_request(body: dict[str, Any] | None = None) -> str | None:
@@ -482,6 +619,12 @@ def resolve_key(svc: Services, raw_key: str | None, ip: str | None) -> tuple[Key
         raise ApiError(401, "invalid_api_key", "The API key is not valid")
     g.key_prefix = record.prefix
     g.user_id = record.user_id
+    if record.expires_at is not None and svc.clock() >= record.expires_at:
+        if ip is not None:
+            g.ip_checked = True
+            ip_guard(svc, ip)
+        raise ApiError(401, "api_key_expired", "This API key has expired; create a new one",
+                       expired_at=db.iso(db.from_epoch(record.expires_at)))
     return record, ip
 
 
@@ -521,7 +664,10 @@ def peek_key(svc: Services, raw_key: str | None) -> tuple[KeyRecord, LimitResult
     tier = clean_tier(svc, decision)
     result = decision.result
     assert result is not None
-    g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
+    if isinstance(decision, PolicyDecision):
+        g.rate_headers = policy_rules.policy_headers(decision, svc.clock())
+    else:
+        g.rate_headers = rate_headers(result, tier, svc.config.window_seconds, svc.clock())
     return record, result, tier
 
 
@@ -576,7 +722,8 @@ def user_json(row: Any) -> dict[str, Any]:
 
 def key_json(row: Any) -> dict[str, Any]:
     return {"id": row.id, "prefix": row.prefix, "name": row.name, "tier": row.tier, "blocked": bool(row.blocked),
-            "created_at": db.iso(row.created_at), "last_used_at": db.iso(row.last_used_at)}
+            "created_at": db.iso(row.created_at), "last_used_at": db.iso(row.last_used_at),
+            "expires_at": db.iso(row.expires_at)}
 
 
 def credentials(body: dict[str, Any]) -> tuple[str, str]:
@@ -681,7 +828,8 @@ def user_keys(conn: sa.Connection, user_id: int) -> list[dict[str, Any]]:
         .where(db.api_keys.c.user_id == user_id, db.api_keys.c.revoked_at.is_(None))
         .order_by(db.api_keys.c.id)
     ).all()
-    return [key_json(row) for row in rows]
+    return [policy_rules.with_credits(services(), key_json(row), row, key_subject(row.id, row.key_hash))
+            for row in rows]
 
 
 def current_user_row(conn: sa.Connection) -> Any:
@@ -712,24 +860,28 @@ def create_api_key() -> tuple[Response, int]:
     svc = services()
     body = json_body(optional=True)
     name = (str_field(body, "name", required=False, max_len=100) or "").strip()
+    expires_at = parse_timestamp(body, "expires_at", after=svc.clock())
     # The visible prefix has 32 random bits: among many keys two can collide (birthday bound), and
     # the unique index then refuses the insert. A fresh key is drawn instead of answering 500.
     for attempt in range(KEY_GENERATION_ATTEMPTS):
         new_key = auth.generate_api_key()
         try:
-            key_id, user, now = insert_api_key(svc, new_key, name)
+            key_id, user, now = insert_api_key(svc, new_key, name, expires_at)
             break
         except sa.exc.IntegrityError:
             if attempt == KEY_GENERATION_ATTEMPTS - 1:
                 raise
             log.warning("API key prefix or hash collision; drawing a new key")
-    svc.limiter.set_meta(key_subject(key_id, new_key.key_hash), tier=user.tier, blocked=False)
+    subject = key_subject(key_id, new_key.key_hash)
+    svc.limiter.set_meta(subject, tier=user.tier, blocked=False)
+    publish_policy(svc, subjects=[subject])  # an override of the owner covers the new key too
     return jsonify(api_key=new_key.key, id=key_id, prefix=new_key.prefix, name=name, tier=user.tier,
-                   created_at=db.iso(now),
+                   created_at=db.iso(now), expires_at=db.iso(expires_at),
                    message="Store this key now: it is shown only once"), 201
 
 
-def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str) -> tuple[int, Any, dt.datetime]:
+def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str,
+                   expires_at: dt.datetime | None) -> tuple[int, Any, dt.datetime]:
     """Insert the caller's new key under the per-user cap; (key id, user row, creation time)."""
     now = db.utcnow()
     with svc.engine.begin() as conn:
@@ -742,9 +894,26 @@ def insert_api_key(svc: Services, new_key: auth.NewApiKey, name: str) -> tuple[i
             raise ApiError(409, "too_many_keys", f"An account may hold at most {MAX_KEYS_PER_USER} active keys")
         key_id = conn.execute(db.api_keys.insert().values(
             user_id=user.id, prefix=new_key.prefix, key_hash=new_key.key_hash, name=name, blocked=False,
-            created_at=now,
+            created_at=now, expires_at=expires_at,
         ).returning(db.api_keys.c.id)).scalar_one()
     return key_id, user, now
+
+
+def parse_timestamp(body: dict[str, Any], name: str, *, after: float) -> dt.datetime | None:
+    """An optional ISO 8601 field as naive UTC; 400 unless it lies after ``after`` (epoch seconds)."""
+    raw = str_field(body, name, required=False, max_len=40)
+    if raw is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        epoch = db.epoch(value)
+    except (ValueError, OverflowError):
+        raise bad_request(name, f"'{name}' must be an ISO 8601 timestamp, e.g. 2026-12-31T23:59:59Z") from None
+    if epoch is None or epoch <= after:
+        raise bad_request(name, f"'{name}' must lie in the future")
+    return value
 
 
 @auth_bp.delete("/api_keys/<int(max=2147483647):key_id>")
@@ -774,6 +943,9 @@ def revoke_in_store(svc: Services, key_id: int, key_hash: str) -> None:
 @refused_before_the_combined_check
 def data() -> Response:
     svc = services()
+    if exempt_request(svc):  # a policy route marked exempt: no key, not counted
+        return jsonify(data={"message": "Public data: this route is exempt from key and limits",
+                             "served_at": db.iso(db.utcnow())}, tier=None, usage=None)
     token = auth.bearer_token()
     raw_key = api_key_from_request()
     if raw_key or token is None:
@@ -817,12 +989,15 @@ def consume_user(svc: Services, token: str) -> tuple[LimitResult, str]:
 @refused_before_the_combined_check
 def usage() -> Response:
     svc = services()
+    g.rule_target = None  # reading usage is not a call to a policy route
     record, result, tier = peek_key(svc, api_key_from_request())
     today = dt.datetime.combine(svc.now().date(), dt.time())
     totals = svc.usage.totals(f"k:{record.id}", today)
+    expires_at = db.iso(db.from_epoch(record.expires_at)) if record.expires_at is not None else None
     return jsonify(key_prefix=record.prefix, tier=tier, limit=result.limit, used=result.limit - result.remaining,
                    remaining=result.remaining, window_seconds=svc.config.window_seconds,
-                   reset_epoch=epoch_ceil(result.reset), totals=totals)
+                   reset_epoch=epoch_ceil(result.reset), totals=totals, expires_at=expires_at,
+                   **policy_rules.usage_fields(g.get("policy_decision")))
 
 
 # --- gateway: the /data decision for any upstream API ---
@@ -841,6 +1016,8 @@ def forward_auth(original: str | None = None) -> Response:
     req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per header
     # The original request (method, decoded path) is request state for whatever matches routes.
     g.forwarded = forwarded = gateway.forwarded_request(req, original)
+    if exempt_request(svc):  # a policy route marked exempt: no credentials, not counted (the IP is)
+        return Response(gateway.ADMITTED_BODY, mimetype="application/json")
     token = auth.bearer_token()
     raw_key = req.environ.get("HTTP_X_API_KEY") or forwarded.api_key()
     key_prefix = None
@@ -877,7 +1054,8 @@ def sdk_page() -> Response:
 def sdk_check() -> Response:
     svc = services()
     body = json_body()
-    str_field(body, "endpoint", required=False, max_len=500)
+    endpoint = str_field(body, "endpoint", required=False, max_len=500)
+    g.rule_target = ("GET", endpoint) if endpoint else None
     _, result, tier = peek_key(svc, api_key_from_request(body))
     return jsonify(allowed=result.remaining > 0, tier=tier, retry_after=epoch_ceil(result.retry_after)
                    if result.remaining <= 0 else 0, **usage_dict(result))
@@ -888,11 +1066,12 @@ def sdk_check() -> Response:
 def sdk_track() -> Response:
     svc = services()
     body = json_body()
-    str_field(body, "endpoint", max_len=500)
-    str_field(body, "method", required=False, max_len=10)
+    endpoint = str_field(body, "endpoint", max_len=500)
+    method = str_field(body, "method", required=False, max_len=10)
     status = body.get("status")
     if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
         raise bad_request("status", "'status' must be an HTTP status code between 100 and 599")
+    policy_rules.track_target(body, (method or "GET").upper(), endpoint or "")
     _, result, tier = consume_key(svc, api_key_from_request(body))
     return jsonify(tracked=True, tier=tier, **usage_dict(result))
 
@@ -1187,6 +1366,98 @@ def recent_alerts(limit: int) -> list[dict[str, Any]]:
         rows = conn.execute(sa.select(db.alerts).order_by(db.alerts.c.id.desc()).limit(limit)).all()
     return [{"timestamp": db.iso(r.timestamp), "kind": r.kind, "source": r.source, "severity": r.severity,
              "details": json.loads(r.details or "{}")} for r in rows]
+
+
+# --- admin: limit overrides and credits (policy_rules.py mirrors them into the limiter store) ---
+
+MAX_OVERRIDES_LISTED = 500
+
+
+def publish_policy(svc: Services, *, subjects: Sequence[str] = (), key_id: int | None = None,
+                   user_id: int | None = None) -> None:
+    """Mirror the effective override and credits of these subjects, of a key, or of a user (their
+    JWT subject and every key) into the limiter store's meta."""
+    subjects = list(subjects)
+    if key_id is not None or user_id is not None:
+        with svc.engine.connect() as conn:
+            keys, users = policy_rules.affected_rows(conn, key_id=key_id, user_id=user_id)
+        subjects += [key_subject(row.id, row.key_hash) for row in keys]
+        subjects += [user_subject(row.id, auth.account_stamp(row.created_at)) for row in users]
+    policy_rules.publish(svc, subjects)
+
+
+@admin_bp.post("/admin/overrides")
+@auth.admin_required
+def create_override() -> tuple[Response, int]:
+    """Replace the tier's limits of a key, or of a user and all their keys, until ``expires_at``."""
+    svc = services()
+    body = json_body()
+    limits = policy_rules.parse_override_limits(body)
+    expires_at = parse_timestamp(body, "expires_at", after=svc.clock())
+    reason = str_field(body, "reason", required=False, max_len=500) or ""
+    with svc.engine.begin() as conn:
+        if any(body.get(name) is not None for name in ("key_id", "prefix", "api_key")):
+            key = find_key(conn, body)
+            target, key_id, user_id = f"key:{key.prefix}", key.id, None
+        else:
+            user = find_user(conn, body)
+            target, key_id, user_id = f"user:{user.username}", None, user.id
+        override_id = conn.execute(db.rate_overrides.insert().values(
+            key_id=key_id, user_id=user_id, limits=json.dumps(limits), reason=reason, created_at=db.utcnow(),
+            created_by=g.admin_actor, expires_at=expires_at,
+        ).returning(db.rate_overrides.c.id)).scalar_one()
+        audit(conn, "create_override", target, override_id=override_id, limits=limits, reason=reason,
+              expires_at=db.iso(expires_at))
+        row = conn.execute(sa.select(db.rate_overrides).where(db.rate_overrides.c.id == override_id)).one()
+    publish_policy(svc, key_id=key_id, user_id=user_id)
+    return jsonify(override={**policy_rules.override_json(row, svc.clock()), "target": target}), 201
+
+
+@admin_bp.get("/admin/overrides")
+@auth.admin_required
+def list_overrides() -> Response:
+    svc = services()
+    with svc.engine.connect() as conn:
+        rows = conn.execute(sa.select(db.rate_overrides).order_by(db.rate_overrides.c.id.desc())
+                            .limit(MAX_OVERRIDES_LISTED)).all()
+    now = svc.clock()
+    return jsonify(overrides=[policy_rules.override_json(row, now) for row in rows])
+
+
+@admin_bp.delete("/admin/overrides/<int(max=2147483647):override_id>")
+@auth.admin_required
+def delete_override(override_id: int) -> Response:
+    svc = services()
+    with svc.engine.begin() as conn:
+        row = conn.execute(sa.select(db.rate_overrides).where(db.rate_overrides.c.id == override_id)).first()
+        if row is None:
+            raise ApiError(404, "override_not_found", f"No override with id {override_id}")
+        conn.execute(db.rate_overrides.delete().where(db.rate_overrides.c.id == override_id))
+        target = f"key:{row.key_id}" if row.key_id is not None else f"user:{row.user_id}"
+        audit(conn, "delete_override", target, override_id=override_id, limits=json.loads(row.limits))
+    publish_policy(svc, key_id=row.key_id, user_id=row.user_id)
+    return jsonify(override={**policy_rules.override_json(row, svc.clock()), "deleted": True})
+
+
+@admin_bp.post("/admin/keys/<int(max=2147483647):key_id>/credits")
+@auth.admin_required
+def set_key_credits(key_id: int) -> Response:
+    """Grant credits (spent by each admitted request's cost), optionally refilled every day or month."""
+    svc = services()
+    credits, amount, every = policy_rules.parse_credits(json_body())
+    with svc.engine.begin() as conn:
+        key = find_key(conn, {"key_id": key_id})
+        conn.execute(db.api_keys.update().where(db.api_keys.c.id == key_id).values(
+            credits=credits, credit_refill_amount=amount, credit_refill_every=every))
+        audit(conn, "set_credits", f"key:{key.prefix}", key_id=key_id, credits=credits, refill_amount=amount,
+              refill_every=every)
+    if credits is not None:
+        svc.limiter.set_credits(key_subject(key.id, key.key_hash), credits, refill=amount, every=every)
+    svc.credit_grants.pop(key_id, None)
+    publish_policy(svc, key_id=key_id)
+    refill = {"amount": amount, "every": every} if amount is not None else None
+    return jsonify(key={"id": key_id, "prefix": key.prefix, "credits": credits, "refill": refill,
+                        "credits_remaining": credits})
 
 
 # --- metrics and analytics ---
@@ -1517,8 +1788,10 @@ def run_flusher(svc: Services) -> None:
 # --- factory -----------------------------------------------------------------------------------
 
 def build_services(config: Config, clock: Callable[[], float]) -> Services:
+    # A bad policy file stops start-up (PolicyError is a ConfigError) before anything is opened.
+    rules = load_policy(config.policy_path, config.tier_limits, config.window_seconds) if config.policy_path else None
     engine = db.open_database(config.database_url)
-    limiter = RateLimiter.from_config(config, clock=clock)
+    limiter = RateLimiter.from_config(config, clock=clock, rules=rules)
     request_logger = RequestLogger.from_config(config)
     svc = Services(
         config=config, engine=engine, limiter=limiter, clock=clock,
@@ -1529,6 +1802,7 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
                                name="request-log-writer", transient=db.is_transient_error),
         alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
                                  name="alert-writer", transient=db.is_transient_error),
+        rules=rules,
     )
     svc.events = EventBus(svc)
     svc.refusal_log = RefusalSampler(clock=clock)

@@ -115,6 +115,7 @@ class Config:
     key_prefix: str = "rl"
     fail_mode: str = "memory"
     tier_limits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TIER_LIMITS))
+    policy_path: str | None = None  # RATELIMIT_POLICY: TOML policy file (policy.py), read by create_app
     window_seconds: int = 60
     ip_rate_limit: int = 100
     ip_window: int = 60
@@ -199,6 +200,7 @@ class Config:
             key_prefix=(env.get("RATELIMIT_KEY_PREFIX") or "rl").strip(),
             fail_mode=(env.get("RATELIMIT_FAIL_MODE") or "memory").strip().lower(),
             tier_limits=parse_tier_limits(env.get("TIER_LIMITS")),
+            policy_path=(env.get("RATELIMIT_POLICY") or "").strip() or None,
             window_seconds=_int(env, "RATELIMIT_WINDOW", 60, 1),
             ip_rate_limit=_int(env, "IP_RATE_LIMIT", 100, 1),
             ip_window=_int(env, "IP_WINDOW", 60, 1),

@@ -59,6 +59,11 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.DateTime),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("last_used_at", sa.DateTime),
+    # Migration 3: key expiry and admin-set credits (the remaining balance lives in the limiter store).
+    sa.Column("expires_at", sa.DateTime),
+    sa.Column("credits", sa.Integer),
+    sa.Column("credit_refill_amount", sa.Integer),
+    sa.Column("credit_refill_every", sa.String(8)),
     sqlite_autoincrement=True,
 )
 
@@ -146,6 +151,20 @@ alerts = sa.Table(
     sa.Column("details", sa.Text, nullable=False, server_default="{}"),
 )
 
+# Runtime limit overrides (admin): for one key, or for a user (their JWT calls and every key of theirs).
+rate_overrides = sa.Table(
+    "rate_overrides",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key_id", sa.Integer, sa.ForeignKey("api_keys.id", ondelete="CASCADE"), index=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), index=True),
+    sa.Column("limits", sa.Text, nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    sa.Column("expires_at", sa.DateTime),
+)
+
 schema_migrations = sa.Table(
     "schema_migrations",
     metadata,
@@ -171,6 +190,15 @@ def iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     return value.replace(microsecond=0).isoformat() + "Z"
+
+
+def epoch(value: dt.datetime | None) -> float | None:
+    """A stored naive-UTC datetime as epoch seconds (how the limiter's clock counts)."""
+    return None if value is None else value.replace(tzinfo=dt.UTC).timestamp()
+
+
+def from_epoch(value: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC).replace(tzinfo=None)
 
 
 # --- migrations -------------------------------------------------------------------------
@@ -204,7 +232,10 @@ def _migration_2(conn: Connection) -> None:
             other.to_metadata(scratch)
         rebuilt = table.to_metadata(scratch, name=f"{table.name}__rebuilt")
         conn.execute(sa.schema.CreateTable(rebuilt))
-        conn.execute(rebuilt.insert().from_select([column.name for column in table.columns], sa.select(table)))
+        # Only the columns the live table has: later migrations add theirs (the rebuilt table has them already).
+        live = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+        copied = [column for column in table.columns if column.name in live]
+        conn.execute(rebuilt.insert().from_select([column.name for column in copied], sa.select(*copied)))
         conn.exec_driver_sql(f'DROP TABLE "{table.name}"')
         conn.exec_driver_sql(f'ALTER TABLE "{rebuilt.name}" RENAME TO "{table.name}"')
         for index in table.indexes:
@@ -218,9 +249,21 @@ def _migration_2(conn: Connection) -> None:
                      {"name": table.name, "seq": max([n for n in highest if n is not None], default=0)})
 
 
+def _migration_3(conn: Connection) -> None:
+    """Key expiry, credits and overrides. A database created by migration 1 (or rebuilt by migration 2)
+    from this code's metadata already has them, hence the checks."""
+    have = {column["name"] for column in sa.inspect(conn).get_columns("api_keys")}
+    for column in (api_keys.c.expires_at, api_keys.c.credits, api_keys.c.credit_refill_amount,
+                   api_keys.c.credit_refill_every):
+        if column.name not in have:
+            conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column.name} {column.type.compile(conn.dialect)}"))
+    rate_overrides.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Any]] = [
     (1, "initial schema", _migration_1),
     (2, "ids never reused (SQLite AUTOINCREMENT)", _migration_2),
+    (3, "key expiry, credits, rate overrides", _migration_3),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -14,10 +14,12 @@ fine on standalone Redis (and Sentinel), not on Redis Cluster.
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import itertools
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -32,6 +34,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
+
+from policy import default_policy, limit_name
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class RequestDecision(NamedTuple):
     blocked: bool
     meta_missing: bool
     flags: dict[str, bool]
+    needs_policy: bool = False  # an override or credits apply: ask check_policy (nothing was counted)
 
 
 class StoreUnavailable(Exception):
@@ -236,9 +241,12 @@ end
 local tier, blocked, limit = '', 0, 0
 -- ARGV[4]: '0' no subject, '1' count the request against it, '2' peek (same answer, nothing written)
 if ARGV[4] ~= '0' then
-  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked')
+  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovx', 'cr')
   if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
   tier, blocked = m[1], tonumber(m[2]) or 0
+  -- an active override or credits: decided by the policy script instead (nothing counted here)
+  local ovx = tonumber(m[3])
+  if (ovx and (ovx == 0 or ovx > now)) or m[4] then return finish({ip_code, 0, bans, 4, '', 0, 0, 0, 0, 0, 0}) end
   limit = LIMITS[tier] or DEFAULT_LIMIT
 end
 if ip ~= '' then
@@ -266,6 +274,185 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return active and 1 or 0
 """
+
+# KEYS: ban, ban history, ip log, ban index, meta, credits, flags...
+# ARGV: now, nonce, ip ('' = exempt), mode ('0' no subject, '1' count, '2' peek), cost, day period,
+# month period, number of route limits, then per route limit: quota, window, shadow (0/1), key suffix.
+# Every limit that applies (the tier's, or the subject's override, plus the route's) is checked first
+# with nothing written; only when every enforced limit admits (and credits suffice) are all of them
+# spent, in the same script: all or nothing. Limit keys share the subject's hash tag; their names are
+# built here from the meta key (``rl:{k:42}:meta`` -> ``rl:{k:42}:sw:86400``).
+LUA_POLICY_CHECK = string.Template("""
+local TIERS, DEFAULT_TIER, SHADOW = $tiers, $default_tier, $shadow
+local IP_LIMIT, IP_WINDOW, BAN_US, BAN_MULT, BAN_CAP = $ip_limit, $ip_window, $ban_us, $ban_multiplier, $ban_cap
+local now, nonce, ip, mode, cost = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local flags, flagged = {}, false
+for i = 7, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[i]))
+  if v and v > now then flags[#flags + 1] = 1; flagged = true else flags[#flags + 1] = 0 end
+end
+-- The reply is {numbers joined by commas, tier, override}: one bulk string parses far faster in the
+-- client than an array of two dozen integers.
+local function finish(out)
+  for i = 1, #flags do out[#out + 1] = flags[i] end
+  local tier_, ovr_ = out[5], out[10]
+  out[5], out[10] = 0, 0
+  for i = 1, #out do out[i] = num(out[i]) end
+  return {table.concat(out, ','), tier_, ovr_}
+end
+local ip_code, bans = 0, 0
+if ip ~= '' then
+  local until_ = tonumber(redis.call('GET', KEYS[1])) or 0
+  bans = ban_count(KEYS[2], now)
+  if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, '', 0}) end
+  ip_code = 1
+end
+local m = {}
+if mode ~= '0' then
+  m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovr', 'ovx', 'cr')
+  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, '', 0}) end
+end
+if ip ~= '' then
+  local r = sliding_window(KEYS[3], now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
+  if r[1] == 0 then
+    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
+    return finish({3, u, n, 0, '', 0, 0, 0, 0, '', 0})
+  end
+end
+if mode == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, '', 0}) end
+local tier, blocked = m[1], tonumber(m[2]) or 0
+if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, '', 0}) end
+local base = string.sub(KEYS[5], 1, -5)
+local Q, W, S, K, n, ovr = {}, {}, {}, {}, 0, ''
+local ovx = tonumber(m[4])
+if m[3] and ovx and (ovx == 0 or ovx > now) then
+  ovr = m[3]
+  for q, w, sfx in string.gmatch(ovr, '(%d+):(%d+):([^,]+)') do
+    n = n + 1; Q[n], W[n], S[n], K[n] = tonumber(q), tonumber(w), 0, base .. sfx
+  end
+else
+  for _, t in ipairs(TIERS[tier] or TIERS[DEFAULT_TIER]) do
+    n = n + 1; Q[n], W[n], S[n], K[n] = t[1], t[2], t[3], base .. t[4]
+  end
+end
+for i = 1, tonumber(ARGV[8]) do
+  local j = 5 + 4 * i
+  n = n + 1
+  Q[n], W[n], S[n], K[n] = tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), base .. ARGV[j + 3]
+end
+-- credits first: they do not depend on the limits, and short credits mean nothing is spent
+local ccode, left, period = 0, 0, nil
+if m[5] then
+  local c = redis.call('HMGET', KEYS[6], 'n', 'a', 'e', 'p')
+  left = tonumber(c[1]) or 0
+  if c[2] and c[3] then
+    period = c[3] == 'month' and ARGV[7] or ARGV[6]
+    if c[4] ~= period then left = tonumber(c[2]) end
+  end
+  ccode = left >= cost and 1 or 2
+end
+local record = (mode == '1' and ccode ~= 2) and 1 or 0
+local ok = ccode == 2 and 0 or 1
+local R = {}
+for i = 1, n - 1 do
+  R[i] = $strategy(K[i], now, Q[i], W[i], cost, 0, nonce)
+  if R[i][1] == 0 and S[i] == 0 and SHADOW == 0 then ok = 0 end
+end
+-- the last limit is checked and, when every other one admits, spent in the same call (one pass fewer)
+R[n] = $strategy(K[n], now, Q[n], W[n], cost, ok * record, nonce)
+if R[n][1] == 0 and S[n] == 0 and SHADOW == 0 then ok = 0 end
+if ok == 1 and record == 1 then
+  for i = 1, n - 1 do
+    if R[i][1] == 1 then R[i] = $strategy(K[i], now, Q[i], W[i], cost, 1, nonce) end
+  end
+  if ccode == 1 then
+    left = left - cost
+    redis.call('HSET', KEYS[6], 'n', num(left))
+    if period then redis.call('HSET', KEYS[6], 'p', period) end
+  end
+end
+local out = {ip_code, 0, bans, 2, tier, 0, ok, ccode, left, ovr, n}
+for i = 1, n do
+  local r = R[i]
+  out[#out + 1] = r[1]; out[#out + 1] = r[2]; out[#out + 1] = r[3]; out[#out + 1] = r[4]
+end
+return finish(out)
+""")
+
+# KEYS meta; ARGV override ('' none), its expiry (0 never), credits ('1'/'0'). Only an existing meta is
+# changed: a missing one is reloaded from the database, these fields included, on the next request.
+LUA_POLICY_META = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'ovr', 'ovx', 'cr')
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ovr', ARGV[1], 'ovx', ARGV[2]) end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'cr', '1') end
+return 1
+"""
+HEADER = 11  # fields of a policy check reply before the per-limit groups (the override applied is the 10th)
+GROUP = 4  # fields per limit (the strategy's raw tuple), in order: tier or override limits, then the route's
+
+
+class RuleLimit(NamedTuple):
+    """One limit as the stores get it: window in microseconds, key suffix after ``rl:{k:42}:``."""
+
+    quota: int
+    window: int
+    shadow: int
+    suffix: str
+
+
+class LimitOutcome(NamedTuple):
+    """How one limit of a policy decision answered; ``shadow`` limits report but never refuse."""
+
+    name: str
+    source: str
+    quota: int
+    window: int
+    shadow: bool
+    result: LimitResult
+
+
+class PolicyDecision(NamedTuple):
+    """A multi-limit decision. ``result`` is the limit to report (the refusing one, else the one
+    closest to refusal); ``allowed`` False with ``credits_exhausted`` means only credits refused."""
+
+    ip: IpDecision | None
+    result: LimitResult | None
+    tier: str | None
+    blocked: bool
+    meta_missing: bool
+    flags: dict[str, bool]
+    allowed: bool = True
+    limits: tuple[LimitOutcome, ...] = ()
+    reported: LimitOutcome | None = None
+    credits: int | None = None
+    credits_exhausted: bool = False
+    shadow_refused: tuple[LimitOutcome, ...] = ()
+
+
+def _needs_policy(meta: tuple, now: int) -> bool:
+    """A memory meta tuple (tier, blocked, override, its expiry, credits) with an active override or credits."""
+    return (meta[2] is not None and (meta[3] == 0 or meta[3] > now)) or bool(meta[4])
+
+
+NEVER_US = 2**62  # memory-store expiry of entries that never expire (credits)
+_OVERRIDE_RE = re.compile(r"(\d+):(\d+):([^,]+)")
+
+
+def parse_override(text: str) -> list[RuleLimit]:
+    """The meta's override field, ``quota:window_us:suffix,...``, as the script's gmatch reads it."""
+    return [RuleLimit(int(q), int(w), 0, sfx) for q, w, sfx in _OVERRIDE_RE.findall(text)]
+
+
+def encode_override(limits: Sequence[RuleLimit]) -> str:
+    return ",".join(f"{limit.quota}:{limit.window}:{limit.suffix}" for limit in limits)
+
+
+def _periods(now: int) -> tuple[str, str]:
+    """Credit refill periods of clock time ``now`` (us): UTC day number and month number."""
+    seconds = now // US
+    day = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return str(seconds // 86400), str(day.year * 12 + day.month - 1)
 
 
 class Strategy:
@@ -555,7 +742,9 @@ class MemoryStore:
             meta = self._get(keys[4], now)
             if meta is None:
                 return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, 0, 0]
-            tier, blocked = meta
+            tier, blocked = meta[0], meta[1]
+            if len(meta) > 2 and _needs_policy(meta, now):  # override or credits: the policy path decides
+                return [ip_code, 0, bans, 4, "", 0, 0, 0, 0, 0, 0]
             limit = policy.tier_limits.get(tier, policy.default_limit)
         if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
             n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
@@ -569,7 +758,115 @@ class MemoryStore:
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
         with self._lock:
-            self._put(key, (tier, int(blocked)), now + META_TTL_US)
+            old = self._get(key, now)
+            self._put(key, (tier, int(blocked), *(old[2:] if old else ())), now + META_TTL_US)
+
+    # ---- policy decisions (several limits, cost, overrides, credits): see LUA_POLICY_CHECK
+    rules: dict[str, list[RuleLimit]] = {}
+    rules_default = "free"
+    rules_shadow = 0
+
+    def configure_policy(self, tiers: dict[str, list[RuleLimit]], default_tier: str, shadow: bool) -> None:
+        self.rules, self.rules_default, self.rules_shadow = tiers, default_tier, int(shadow)
+
+    def check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                     routes: Sequence[RuleLimit]) -> list:
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            flags = [int((self._get(k, now) or 0) > now) for k in keys[6:]]
+            out = self._check_policy(keys, now, ip, mode, cost, periods, routes, 1 in flags)
+            out.extend(flags)
+            return out
+
+    def _check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                      routes: Sequence[RuleLimit], flagged: bool) -> list:
+        policy = self.policy
+        ip_code = bans = 0
+        if ip:
+            until = self._get(keys[0], now) or 0
+            bans = self._ban_count(keys[1], now)
+            if until > now:
+                return [2, until, bans, 0, "", 0, 0, 0, 0, "", 0]
+            ip_code = 1
+        meta = None
+        if mode:
+            meta = self._get(keys[4], now)
+            if meta is None:
+                return [ip_code, 0, bans, 1, "", 0, 0, 0, 0, "", 0]
+        if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
+            return [3, until, n, 0, "", 0, 0, 0, 0, "", 0]
+        if meta is None:
+            return [ip_code, 0, bans, 0, "", 0, 0, 0, 0, "", 0]
+        tier, blocked = meta[0], meta[1]
+        if blocked or flagged:
+            return [ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, "", 0]
+        override, expiry, credits_on = meta[2:] if len(meta) > 2 else (None, 0, 0)
+        if override is not None and (expiry == 0 or expiry > now):
+            limits, applied = parse_override(override), override
+        else:
+            limits, applied = self.rules.get(tier) or self.rules[self.rules_default], ""
+        if routes:
+            limits = [*limits, *routes]
+        code = left = 0
+        period = wallet = None
+        if credits_on:  # credits first: they do not depend on the limits
+            wallet = self._get(keys[5], now)
+            left = wallet["n"] if wallet else 0
+            if wallet and wallet.get("a") is not None:
+                period = periods[1] if wallet["e"] == "month" else periods[0]
+                if wallet.get("p") != period:
+                    left = wallet["a"]
+            code = 1 if left >= cost else 2
+        record = 1 if mode == 1 and code != 2 else 0
+        ok = 0 if code == 2 else 1
+        base, apply, strategy, shadow_all = keys[4][:-4], self._apply, self.strategy, self.rules_shadow
+        raws = []
+        last = len(limits) - 1
+        for i, (quota, window, shadow, suffix) in enumerate(limits):
+            # the last limit is checked and, when every other one admits, spent in the same call
+            raw = apply(strategy, base + suffix, now, quota, window, cost, ok * record if i == last else 0)
+            raws.append(raw)
+            if not raw[0] and not shadow and not shadow_all:
+                ok = 0
+        if ok and record:
+            for i in range(last):
+                if raws[i][0]:
+                    quota, window, _, suffix = limits[i]
+                    raws[i] = apply(strategy, base + suffix, now, quota, window, cost, 1)
+            if code == 1 and wallet is not None:
+                left -= cost
+                wallet["n"] = left
+                if period is not None:
+                    wallet["p"] = period
+        out = [ip_code, 0, bans, 2, tier, 0, ok, code, left, applied, len(limits)]
+        for allowed, a, b, c in raws:
+            out += (int(allowed), a, b, c)
+        return out
+
+    def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
+        with self._lock:
+            meta = self._get(key, now)
+            if meta is not None:
+                self._put(key, (meta[0], meta[1], override or None, expiry, int(credits_on)), self._data[key][0])
+
+    def set_credits(self, key: str, now: int, credits: int, amount: int | None, every: str | None,
+                    period: str) -> None:
+        with self._lock:
+            wallet = {"n": credits, "a": amount, "e": every, "p": period} if amount is not None else {"n": credits}
+            self._put(key, wallet, NEVER_US)
+
+    def peek_credits(self, key: str, now: int, periods: tuple[str, str]) -> int | None:
+        with self._lock:
+            wallet = self._get(key, now)
+            if wallet is None:
+                return None
+            if wallet.get("a") is not None:
+                period = periods[1] if wallet["e"] == "month" else periods[0]
+                if wallet.get("p") != period:
+                    return wallet["a"]
+            return wallet["n"]
 
     def delete_meta(self, key: str, now: int) -> None:
         with self._lock:
@@ -807,6 +1104,50 @@ class RedisStore:
             pipe.hset(key, mapping={"tier": tier, "blocked": int(blocked)}).pexpire(key, META_TTL_US // 1000)
             pipe.execute()
 
+    # ---- policy decisions: see LUA_POLICY_CHECK
+    def configure_policy(self, script: str) -> None:
+        self._scripts["policy"] = LUA_LIBRARY + script
+        self._scripts["policy_meta"] = LUA_POLICY_META
+
+    def check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
+                     routes: Sequence[RuleLimit]) -> list:
+        args: list[Any] = [now, _nonce(), ip, mode, cost, periods[0], periods[1], len(routes)]
+        for limit in routes:
+            args.extend(limit)
+        reply = self._eval("policy", keys, args, 3)
+        numbers, tier, applied = reply
+        try:
+            out: list[Any] = list(map(int, numbers.split(b",")))
+            out[4], out[9] = tier.decode(), applied.decode()
+        except (AttributeError, ValueError, IndexError):
+            raise redis.ResponseError(f"unexpected reply to the policy script: {reply!r:.80}") from None
+        if len(out) < HEADER:
+            raise redis.ResponseError(f"unexpected reply to the policy script: {reply!r:.80}")
+        return out
+
+    def set_policy_meta(self, key: str, now: int, override: str, expiry: int, credits_on: bool) -> None:
+        self._eval("policy_meta", (key,), (override, expiry, "1" if credits_on else "0"))
+
+    def set_credits(self, key: str, now: int, credits: int, amount: int | None, every: str | None,
+                    period: str) -> None:
+        with self._client.pipeline() as pipe:
+            pipe.delete(key)
+            fields: dict[Any, Any] = {"n": credits}
+            if amount is not None:
+                fields.update(a=amount, e=every or "day", p=period)
+            pipe.hset(key, mapping=fields)
+            pipe.execute()
+
+    def peek_credits(self, key: str, now: int, periods: tuple[str, str]) -> int | None:
+        n, amount, every, period = self._client.hmget(key, "n", "a", "e", "p")  # type: ignore[misc]
+        if n is None:
+            return None
+        if amount is not None and every is not None:
+            current = periods[1] if every == b"month" else periods[0]
+            if (period or b"") != current.encode():
+                return int(amount)
+        return int(n)
+
     def delete_meta(self, key: str, now: int) -> None:
         self._client.delete(key)
 
@@ -852,7 +1193,8 @@ class RedisStore:
 
 # --------------------------------------------------------------------------- the limiter
 
-_REPLAYED = frozenset(("set_meta", "delete_meta", "set_flag", "ban", "unban"))  # writes queued while down
+# writes queued while down
+_REPLAYED = frozenset(("set_meta", "delete_meta", "set_flag", "ban", "unban", "set_policy_meta", "set_credits"))
 
 
 class RateLimiter:
@@ -872,7 +1214,7 @@ class RateLimiter:
     def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
                  tier_limits: dict[str, int], window: int = 60, ip_limit: int = 100, ip_window: int = 60,
                  ban_seconds: int = 300, ban_multiplier: float = 2.0, fail_mode: str = "memory",
-                 key_prefix: str = "rl", clock: Callable[[], float] = time.time) -> None:
+                 key_prefix: str = "rl", clock: Callable[[], float] = time.time, rules: Any = None) -> None:
         if not storage_url.startswith(STORAGE_SCHEMES):
             raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}")
         if fail_mode not in FAIL_MODES:
@@ -892,6 +1234,7 @@ class RateLimiter:
         self._subject_prefix = f"{key_prefix}:{{k:"
         self._strategy_suffix = f"}}:{self.strategy.suffix}"
         self._fallback = MemoryStore(self.keys, self.strategy, self.policy)
+        self._configure_rules(rules)
         self._store: MemoryStore | RedisStore = self._fallback
         self._down = False
         self._probe_delay = PROBE_FIRST_US
@@ -902,18 +1245,19 @@ class RateLimiter:
         if storage_url.startswith("memory://"):
             return
         self._store = RedisStore(storage_url, self.keys, self.strategy, self.policy)
+        self._store.configure_policy(self._policy_script())
         try:
             self._store.ping()
         except STORE_ERRORS as exc:
             self._mark_down(exc, self._now())
 
     @classmethod
-    def from_config(cls, config: Any, clock: Callable[[], float] = time.time) -> RateLimiter:
+    def from_config(cls, config: Any, clock: Callable[[], float] = time.time, rules: Any = None) -> RateLimiter:
         """Build from ``config.Config``."""
         return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
                    ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
                    ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix,
-                   clock=clock)
+                   clock=clock, rules=rules)
 
     @property
     def store_kind(self) -> str:
@@ -973,7 +1317,7 @@ class RateLimiter:
 
     def _queue(self, op: str, args: tuple) -> bool:
         """Queue a write made while down for replay; False if the store is up again (write through)."""
-        if op == "set_meta":  # a cache fill may be stale by recovery: replay it as a delete (reload)
+        if op in ("set_meta", "set_policy_meta"):  # a cache fill may be stale by recovery: replay it as a delete
             entry = ("delete_meta", args[:2])
         elif op == "unban":
             entry = ("unban", (*args, True))
@@ -1079,6 +1423,8 @@ class RateLimiter:
         return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
 
     def _decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], opened: bool) -> RequestDecision:
+        if raw[3] == 4 and not opened:  # the subject has an override or credits: nothing was counted
+            return RequestDecision(None, None, None, False, False, {}, True)
         win = self.policy.window
         ip_code, until, bans, meta_code, tier, blocked, allowed, a, b, c, limit = raw[:11]
         flag_map = {name: bool(v) for name, v in zip(flags, raw[11:], strict=True)}
@@ -1097,6 +1443,185 @@ class RateLimiter:
             result = (LimitResult(True, limit, max(0, limit - 1), (now + win) / US, 0.0) if opened
                       else self.strategy.result((allowed, a, b, c), now, limit, win, 1))
         return RequestDecision(ip_decision, result, tier or None, bool(blocked), meta_code == 1, flag_map)
+
+    # ---- policy decisions: several limits, cost, overrides, credits (one store round trip)
+    def _configure_rules(self, rules: Any) -> None:
+        """Tier limits as the stores enforce them; ``rules`` is a policy.Policy (None: one window per tier)."""
+        self.rules = rules if rules is not None else default_policy(self.tier_limits, self.window)
+        self.rules_shadow = bool(self.rules.shadow)
+        self._tier_rules = {tier: self.rule_limits(limits) for tier, limits in self.rules.tiers.items()}
+        # per tier: (name, source, quota, window us, window s, shadow) of each limit, in the stores' order
+        self._tier_meta = {tier: self._limit_meta(limits, "tier") for tier, limits in self.rules.tiers.items()}
+        self._rules_default = "free" if "free" in self._tier_rules else next(iter(self._tier_rules))
+        self._route_cache: dict[int, tuple[Any, list[RuleLimit], list[tuple]]] = {}
+        self._override_cache: dict[str, list[tuple]] = {}
+        self._period_cache: tuple[int, tuple[str, str]] = (-1, ("", ""))
+        self._fallback.configure_policy(self._tier_rules, self._rules_default, self.rules_shadow)
+        # One enforced limit per tier over the base window: the single-limit script decides it exactly as
+        # the policy script would (same keys, same limits), so such decisions take today's path.
+        self._simple = not self.rules_shadow and all(
+            len(limits) == 1 and limits[0].window == self.window and not limits[0].shadow
+            for limits in self.rules.tiers.values())
+        if self._simple and rules is not None:
+            self.tier_limits = {tier: limits[0].quota for tier, limits in self.rules.tiers.items()}
+            self.default_limit = self.tier_limits.get("free", min(self.tier_limits.values()))
+            self.policy = self.policy._replace(tier_limits=self.tier_limits, default_limit=self.default_limit)
+            self._fallback.policy = self.policy
+
+    def _limit_meta(self, limits: Sequence[Any], source: str) -> list[tuple]:
+        return [(limit.name, source, limit.quota, limit.window * US, limit.window, limit.shadow or self.rules_shadow)
+                for limit in limits]
+
+    def _route(self, route: Any) -> tuple[Any, list[RuleLimit], list[tuple]]:
+        """A route's limits as the stores take them, and their meta; cached per route object."""
+        entry = self._route_cache.get(id(route))
+        if entry is None or entry[0] is not route:
+            entry = (route, self.rule_limits(route.limits, route.index), self._limit_meta(route.limits, "route"))
+            if len(self._route_cache) > 1000:
+                self._route_cache.clear()
+            self._route_cache[id(route)] = entry
+        return entry
+
+    def _override_meta(self, encoded: str) -> list[tuple]:
+        meta = self._override_cache.get(encoded)
+        if meta is None:
+            meta = [(limit_name("override", r.window // US), "override", r.quota, r.window, r.window // US, False)
+                    for r in parse_override(encoded)]
+            if len(self._override_cache) > 1000:
+                self._override_cache.clear()
+            self._override_cache[encoded] = meta
+        return meta
+
+    def _periods(self, now: int) -> tuple[str, str]:
+        day = now // DAY_US
+        cached = self._period_cache
+        if cached[0] != day:
+            cached = self._period_cache = (day, _periods(now))
+        return cached[1]
+
+    def _policy_script(self) -> str:
+        tiers = "{" + ", ".join(
+            f"[{_lua_string(tier)}] = {{" + ", ".join(
+                f"{{{r.quota}, {r.window}, {r.shadow}, {_lua_string(r.suffix)}}}" for r in rules) + "}"
+            for tier, rules in self._tier_rules.items()) + "}"
+        values = {**self.policy._asdict(), "tiers": tiers, "default_tier": _lua_string(self._rules_default),
+                  "shadow": int(self.rules_shadow), "strategy": self.strategy.name,
+                  "ban_multiplier": repr(self.policy.ban_multiplier)}
+        return LUA_POLICY_CHECK.substitute(values)
+
+    def _limit_suffix(self, window: int) -> str:
+        """Key suffix of a tier or override limit: the base window keeps today's key, so switching to a
+        policy file, or to an override, keeps what was counted."""
+        return self.strategy.suffix if window == self.window else f"{self.strategy.suffix}:{window}"
+
+    def rule_limits(self, limits: Sequence[Any], route_index: int | None = None) -> list[RuleLimit]:
+        """policy.Limit objects as the stores take them (route limits get their own keys)."""
+        sfx = self.strategy.suffix
+        return [RuleLimit(limit.quota, limit.window * US, int(limit.shadow),
+                          f"{sfx}:r{route_index}:{limit.window}" if route_index is not None
+                          else self._limit_suffix(limit.window)) for limit in limits]
+
+    def check_policy(self, ip: str | None, subject: str, flags: Sequence[str] = (), *, route: Any = None,
+                     cost: int = 1, consume: bool = True, single: bool = True) -> PolicyDecision:
+        """Like check_request, with every limit that applies in one atomic store call: the tier's
+        (or the subject's override), the route's extra limits, and the key's credits. All are
+        spent (``cost`` units each) or none is. ``single=False`` skips the single-limit script
+        (the caller already learnt from it that this subject has an override or credits)."""
+        if single and self._simple and cost == 1 and (route is None or not route.limits):
+            decision = self.check_request(ip, subject, flags, consume=consume)
+            if not decision.needs_policy:  # else nothing was counted: the policy script decides
+                return self._as_policy_decision(decision)
+        if cost < 1:
+            raise ValueError("cost must be >= 1")
+        entry = self._route(route) if route is not None and route.limits else None
+        now = round(self._clock() * US)
+        keys = self.keys.check_keys(ip, subject, "cr", flags)
+        args = (keys, now, ip or "", 1 if consume else 2, cost, self._periods(now), entry[1] if entry else ())
+        if not self._down:
+            try:
+                return self._policy_decision(self._store.check_policy(*args), now, ip, flags, entry, cost, False)
+            except STORE_ERRORS as exc:
+                self._mark_down(exc, now)
+        raw, degraded = self._exec("check_policy", *args)
+        return self._policy_decision(raw, now, ip, flags, entry, cost, degraded and self.fail_mode == "open")
+
+    def _as_policy_decision(self, decision: RequestDecision) -> PolicyDecision:
+        """A single-limit decision in the multi-limit form (one outcome, named after the tier's limit)."""
+        result = decision.result
+        if result is None:
+            return PolicyDecision(decision.ip, None, decision.tier, decision.blocked, decision.meta_missing,
+                                  decision.flags, False)
+        name, source, quota, _, window, shadow = (self._tier_meta.get(decision.tier or "")
+                                                  or self._tier_meta[self._rules_default])[0]
+        outcome = _new_tuple(LimitOutcome, (name, source, quota, window, shadow, result))
+        return _new_tuple(PolicyDecision, (decision.ip, result, decision.tier, False, False, decision.flags,
+                                           result.allowed, (outcome,), outcome, None, False, ()))
+
+    def _policy_decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], route: Any, cost: int,
+                         opened: bool) -> PolicyDecision:
+        ip_code, until, bans, meta_code, tier, blocked, ok, credit_code, left, applied, n = raw[:HEADER]
+        flag_map = {name: bool(v) for name, v in zip(flags, raw[HEADER + n * GROUP:], strict=True)} if flags else {}
+        ip_decision = None
+        if ip is not None:
+            refused = ip_code >= 2 and not opened
+            ip_decision = _new_tuple(IpDecision, (not refused, refused, max(0, until - now) / US if refused else 0.0,
+                                                  bans, ip_code == 3 and not opened))
+            if refused:
+                return PolicyDecision(ip_decision, None, None, False, False, flag_map, False)
+        if meta_code != 2:
+            return PolicyDecision(ip_decision, None, tier or None, bool(blocked), meta_code == 1, flag_map, False)
+        metas = self._override_meta(applied) if applied else (self._tier_meta.get(tier)
+                                                              or self._tier_meta[self._rules_default])
+        if route is not None:
+            metas = metas + route[2]
+        result_of = self.strategy.result
+        outcomes: list[LimitOutcome] = []
+        refusing = closest = closest_any = None
+        j = HEADER
+        for name, source, quota, window_us, window, shadow in metas:
+            result = result_of((raw[j] or opened, raw[j + 1], raw[j + 2], raw[j + 3]), now, quota, window_us, cost)
+            j += GROUP
+            outcome = _new_tuple(LimitOutcome, (name, source, quota, window, shadow, result))
+            outcomes.append(outcome)
+            rank = (result.remaining, -window)
+            if closest_any is None or rank < closest_any[0]:
+                closest_any = (rank, outcome)
+            if shadow:
+                continue
+            if not result.allowed:
+                if refusing is None or result.retry_after > refusing.result.retry_after:
+                    refusing = outcome
+            elif closest is None or rank < closest[0]:
+                closest = (rank, outcome)
+        reported = refusing or (closest or closest_any or (None, None))[1]
+        allowed = bool(ok) or opened
+        shown = reported.result if reported is not None else None
+        if allowed and shown is not None and not shown.allowed:  # a shadow limit: reported, but admitted
+            shown = shown._replace(allowed=True, retry_after=0.0)
+        shadow_refused = tuple(o for o in outcomes if o.shadow and not o.result.allowed)
+        return PolicyDecision(ip_decision, shown, tier or None, False, False, flag_map, allowed, tuple(outcomes),
+                              reported, left if credit_code else None,
+                              credit_code == 2 and refusing is None and not opened, shadow_refused)
+
+    def set_policy_meta(self, subject: str, *, override: Sequence[Any] = (), expires_at: float | None = None,
+                        credits: bool = False) -> None:
+        """Store the subject's override (policy.Limit list, lapsing at ``expires_at`` epoch seconds)
+        and whether it has credits, beside its tier, where every decision reads them."""
+        encoded = encode_override(self.rule_limits(override)) if override else ""
+        expiry = 0 if expires_at is None else round(expires_at * US)
+        self._exec("set_policy_meta", self.keys.subject(subject, "meta"), self._now(), encoded, expiry, credits)
+
+    def set_credits(self, subject: str, credits: int, *, refill: int | None = None, every: str | None = None) -> None:
+        """Set the subject's credit balance, and its refill (``every`` "day" or "month", UTC)."""
+        now = self._now()
+        day, month = _periods(now)
+        self._exec("set_credits", self.keys.subject(subject, "cr"), now, credits, refill, every,
+                   month if every == "month" else day)
+
+    def credits_remaining(self, subject: str) -> int | None:
+        """The subject's credits as the next decision would see them (refill included); None: no credits."""
+        now = self._now()
+        return self._exec("peek_credits", self.keys.subject(subject, "cr"), now, _periods(now))[0]
 
     # ---- meta, flags, bans
     def set_meta(self, subject: str, *, tier: str, blocked: bool) -> None:

@@ -33,6 +33,7 @@ KEY_BANNED = "key_banned"
 IP_BANNED = "ip_banned"
 ABUSE_ALERT = "abuse_alert"
 RATE_LIMIT_SPIKE = "rate_limit_spike"
+CREDITS_LOW = "credits_low"
 EVENT_TITLES: dict[str, str] = {
     TIER_CHANGED: "Tier changed",
     KEY_BLOCKED: "Key blocked",
@@ -41,6 +42,7 @@ EVENT_TITLES: dict[str, str] = {
     IP_BANNED: "IP banned",
     ABUSE_ALERT: "Abuse alert",
     RATE_LIMIT_SPIKE: "Rate-limit spike",
+    CREDITS_LOW: "Credits running low",
 }
 EVENTS: tuple[str, ...] = tuple(EVENT_TITLES)
 SUBJECT_TAG = "[RateLimiter]"

@@ -70,6 +70,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "missing_forwarded_uri": (400, "A /forward_auth call names no original request (X-Forwarded-Uri, X-Original-URI)"),
     "missing_api_key": (401, "No API key in X-API-Key, ?api_key= or the body"),
     "invalid_api_key": (401, "The API key is unknown or revoked"),
+    "api_key_expired": (401, "The API key's expires_at has passed; `expired_at` says when"),
     "missing_token": (401, "No Authorization: Bearer <access_token> header"),
     "invalid_token": (401, "The token is malformed, badly signed, of the wrong type, or its account is gone"),
     "token_expired": (401, "The token has expired"),
@@ -79,10 +80,12 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "missing_admin_token": (401, "No Authorization: Bearer <ADMIN_TOKEN> header"),
     "invalid_admin_token": (401, "The admin token is not valid"),
     "api_key_blocked": (403, "An administrator blocked this API key; `reason` says why"),
+    "credits_exhausted": (403, "The key's credits are spent (its rate limits admitted the request); nothing was spent"),
     "forbidden": (403, "Authenticated but not allowed (not an admin; another user's refresh token)"),
     "key_not_found": (404, "No such API key (or not one of yours)"),
     "user_not_found": (404, "No such user"),
     "ban_not_found": (404, "That IP address is not banned"),
+    "override_not_found": (404, "No limit override with that id"),
     "not_found": (404, "No route matches the URL"),
     "method_not_allowed": (405, "The route exists but not with this method; `Allow` lists the methods"),
     "username_taken": (409, "The username is already registered"),
@@ -110,9 +113,11 @@ RETRY_CODES = {"rate_limit_exceeded", "ip_banned", "too_many_registrations", "to
                "limiter_unavailable"}
 
 AUTH_ERRORS: dict[str, dict[int, list[str]]] = {
-    "key": {401: ["missing_api_key", "invalid_api_key"], 403: ["api_key_blocked"]},
-    "key_or_jwt": {401: ["missing_api_key", "invalid_api_key", "invalid_token", "token_expired", "token_revoked"],
-                   403: ["api_key_blocked"]},
+    "key": {401: ["missing_api_key", "invalid_api_key", "api_key_expired"],
+            403: ["api_key_blocked", "credits_exhausted"]},
+    "key_or_jwt": {401: ["missing_api_key", "invalid_api_key", "api_key_expired", "invalid_token", "token_expired",
+                         "token_revoked"],
+                   403: ["api_key_blocked", "credits_exhausted"]},
     "jwt": {401: ["missing_token", "invalid_token", "token_expired", "token_revoked"]},
     "admin": {401: ["missing_admin_token", "invalid_admin_token"], 403: ["forbidden"]},
     "optional_admin": {401: ["invalid_admin_token"], 403: ["forbidden"]},
@@ -170,12 +175,16 @@ BODIES: dict[str, Schema] = {
     "Login": obj({"username": string(maxLength=64), "password": string(maxLength=1024)}),
     "Refresh": obj({"refresh_token": string(maxLength=4096)}),
     "Logout": obj({}, {"refresh_token": nullable_string(maxLength=4096, description="also revoke this login")}),
-    "CreateKey": obj({}, {"name": nullable_string(maxLength=100, examples=["production"])}),
+    "CreateKey": obj({}, {"name": nullable_string(maxLength=100, examples=["production"]),
+                          "expires_at": nullable_string(format="date-time", maxLength=40, examples=[ISO_EXAMPLE],
+                                                        description="ISO 8601; must lie in the future")}),
     "SdkCheck": obj({"api_key": string()}, {"endpoint": nullable_string(maxLength=500, examples=["/data"])}),
     "SdkTrack": obj(
         {"api_key": string(), "endpoint": string(maxLength=500, examples=["/data"])},
         {"method": nullable_string(maxLength=10, examples=["GET"]),
-         "status": {"type": ["integer", "null"], "minimum": 100, "maximum": 599, "examples": [200]}},
+         "status": {"type": ["integer", "null"], "minimum": 100, "maximum": 599, "examples": [200]},
+         "cost": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000, "examples": [5],
+                  "description": "units of every limit (and credits) this call spends; default the route's cost"}},
     ),
     "UpgradeTier": obj(
         {"tier": ref("Tier")},
@@ -186,6 +195,22 @@ BODIES: dict[str, Schema] = {
     "SelectKey": obj({}, KEY_SELECTOR, anyOf=SELECT_KEY),
     "BanIp": obj({"ip": IP_ADDRESS}, {"seconds": integer(minimum=1, maximum=30 * 86400, default=300)}),
     "UnbanIp": obj({"ip": IP_ADDRESS}),
+    "Override": obj(
+        {"limits": {**array(string(maxLength=40, examples=["50/minute"])), "minItems": 1, "maxItems": 8,
+                    "description": "rates in Flask-Limiter notation; two may not share a window"}},
+        {"key_id": {**ID}, "prefix": string(maxLength=32), "user_id": {**ID}, "username": string(),
+         "expires_at": nullable_string(format="date-time", maxLength=40, description="ISO 8601, in the future"),
+         "reason": nullable_string(maxLength=500)},
+        anyOf=[{"required": ["key_id"]}, {"required": ["prefix"]}, {"required": ["user_id"]},
+               {"required": ["username"]}],
+    ),
+    "Credits": obj(
+        {"credits": {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000_000,
+                     "description": "the balance to set; null removes the key's credits"}},
+        {"refill": {"type": ["object", "null"], "required": ["amount", "every"],
+                    "properties": {"amount": integer(minimum=1, maximum=1_000_000_000),
+                                   "every": string(enum=["day", "month"])}}},
+    ),
 }
 
 
@@ -194,7 +219,8 @@ BODIES: dict[str, Schema] = {
 USER = obj({"id": ID, "username": string(), "email": nullable_string(), "tier": ref("Tier"),
             "created_at": TIMESTAMP})
 API_KEY = obj({"id": ID, "prefix": string(), "name": string(), "tier": ref("Tier"), "blocked": {"type": "boolean"},
-               "created_at": TIMESTAMP, "last_used_at": NULLABLE_TIMESTAMP})
+               "created_at": TIMESTAMP, "last_used_at": NULLABLE_TIMESTAMP},
+              {"expires_at": NULLABLE_TIMESTAMP, "credits_remaining": {"type": ["integer", "null"]}})
 TOKENS: dict[str, Schema] = {
     "access_token": string(description="JWT, send as Authorization: Bearer"),
     "refresh_token": string(description="JWT, single use: POST /auth/refresh"),
@@ -206,8 +232,13 @@ METRICS = obj(
     {"uptime_seconds": {"type": "number"}, "requests_total": integer(minimum=0),
      "allowed_total": integer(minimum=0), "rate_limited_total": integer(minimum=0),
      "by_tier": {"type": "object", "additionalProperties": COUNTS}, "by_status": COUNTS},
-    {"ip_refused_total": integer(minimum=0), "alerts": COUNTS, "avg_response_ms": {"type": "number"}},
+    {"ip_refused_total": integer(minimum=0), "alerts": COUNTS, "avg_response_ms": {"type": "number"},
+     "shadow_refusals": {**COUNTS, "description": "requests a shadow limit would have refused, per limit name"}},
 )
+OVERRIDE = obj({"id": ID, "key_id": {"type": ["integer", "null"]}, "user_id": {"type": ["integer", "null"]},
+                "limits": array(string()), "reason": string(), "created_at": TIMESTAMP, "created_by": string(),
+                "expires_at": NULLABLE_TIMESTAMP, "active": {"type": "boolean"}},
+               {"target": string(), "deleted": {"const": True}})
 ALERT = obj({"timestamp": TIMESTAMP, "kind": string(), "source": string(), "severity": string(),
              "details": {"type": "object"}})
 
@@ -220,7 +251,7 @@ SCHEMAS: dict[str, Schema] = {
     "RetryError": {"allOf": [ref("Error"), obj({"retry_after": integer(minimum=1)})]},
     "RateLimitError": {"allOf": [ref("Error"), obj({
         "limit": integer(minimum=1), "remaining": {"const": 0}, "retry_after": integer(minimum=1),
-        "tier": ref("Tier")})]},
+        "tier": ref("Tier")}, {"policy": string(description="the limit that refused, e.g. free-day")})]},
     "User": USER,
     "ApiKey": API_KEY,
     "Session": obj({"user": ref("User"), **TOKENS}),
@@ -238,7 +269,11 @@ SCHEMAS: dict[str, Schema] = {
     "KeyUsage": obj({"key_prefix": string(), "tier": ref("Tier"), "limit": integer(minimum=1),
                      "used": integer(minimum=0), "remaining": integer(minimum=0),
                      "window_seconds": integer(minimum=1), "reset_epoch": integer(),
-                     "totals": obj({"today": integer(minimum=0), "all_time": integer(minimum=0)})}),
+                     "totals": obj({"today": integer(minimum=0), "all_time": integer(minimum=0)})},
+                    {"expires_at": NULLABLE_TIMESTAMP, "credits_remaining": {"type": ["integer", "null"]},
+                     "policies": array(obj({"name": string(), "limit": integer(minimum=1),
+                                            "remaining": integer(minimum=0), "window_seconds": integer(minimum=1),
+                                            "reset_epoch": integer(), "shadow": {"type": "boolean"}}))}),
     "SdkCheck": obj({"allowed": {"type": "boolean"}, "limit": integer(minimum=1), "remaining": integer(minimum=0),
                      "reset_epoch": integer(), "retry_after": integer(minimum=0)}, {"tier": ref("Tier")}),
     "SdkTrack": obj({"tracked": {"const": True}, "limit": integer(minimum=1), "remaining": integer(minimum=0),
@@ -249,7 +284,7 @@ SCHEMAS: dict[str, Schema] = {
     "ApiKeys": obj({"api_keys": array(ref("ApiKey"))}),
     "CreatedKey": obj({"api_key": string(description="the full key; shown only in this response"),
                        "id": ID, "prefix": string(), "name": string(), "tier": ref("Tier"),
-                       "created_at": TIMESTAMP}, {"message": string()}),
+                       "created_at": TIMESTAMP}, {"message": string(), "expires_at": NULLABLE_TIMESTAMP}),
     "Message": obj({"message": string()}),
     "RevokedKey": obj({"message": string(), "key": obj({"id": ID, "prefix": string(), "revoked": {"const": True}})}),
     "Metrics": {"allOf": [METRICS, obj(
@@ -291,6 +326,12 @@ SCHEMAS: dict[str, Schema] = {
                                         "target": string(), "details": {"type": "object"}},
                                        {"id": ID}))}),
     "Alerts": obj({"alerts": array(ALERT)}),
+    "RateOverride": OVERRIDE,
+    "OverrideResult": obj({"override": OVERRIDE}),
+    "Overrides": obj({"overrides": array(OVERRIDE)}),
+    "KeyCredits": obj({"key": obj({"id": ID, "prefix": string(), "credits": {"type": ["integer", "null"]},
+                                   "refill": {"type": ["object", "null"]},
+                                   "credits_remaining": {"type": ["integer", "null"]}})}),
 }
 
 
@@ -302,10 +343,13 @@ HEADERS: dict[str, Schema] = {
     "X-RateLimit-Remaining": {"description": "requests left in the current window", "schema": integer(minimum=0)},
     "X-RateLimit-Reset": {"description": "epoch seconds when one more request will be admitted at the earliest",
                           "schema": integer()},
-    "RateLimit-Policy": {"description": 'IETF draft structured field: "<tier>";q=<limit>;w=<window seconds>',
-                         "schema": string(pattern=r'^"[a-z]+";q=\d+;w=\d+$', examples=['"free";q=5;w=60'])},
-    "RateLimit": {"description": 'IETF draft structured field: "<tier>";r=<remaining>;t=<seconds to reset>',
-                  "schema": string(pattern=r'^"[a-z]+";r=\d+;t=\d+$', examples=['"free";r=4;t=60'])},
+    "RateLimit-Policy": {"description": 'IETF draft structured field: "<tier>";q=<limit>;w=<window seconds>; '
+                                        'with a policy file, every limit that applied ("free-minute", "free-day")',
+                         "schema": string(pattern=r'^"[a-z0-9-]+";q=\d+;w=\d+(, "[a-z0-9-]+";q=\d+;w=\d+)*$',
+                                          examples=['"free";q=5;w=60'])},
+    "RateLimit": {"description": 'IETF draft structured field: "<limit>";r=<remaining>;t=<seconds to reset>, '
+                                 'for the limit closest to refusal',
+                  "schema": string(pattern=r'^"[a-z0-9-]+";r=\d+;t=\d+$', examples=['"free";r=4;t=60'])},
     "Retry-After": {"description": "whole seconds to wait before retrying (>= 1)", "schema": integer(minimum=1)},
 }
 HEADERS.update({
@@ -451,6 +495,24 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "tag": "admin", "summary": "Delete a user with their keys and tokens", "auth": "admin",
         "params": [{"name": "user_id", "in": "path", "required": True, "schema": integer(minimum=0, maximum=MAX_ID)}],
         "ok": (200, "UserDeleted"), "errors": {404: ["user_not_found", "not_found"]},
+    }},
+    "/admin/overrides": {
+        "get": {"tag": "admin", "summary": "Limit overrides, newest first (active and lapsed)", "auth": "admin",
+                "ok": (200, "Overrides")},
+        "post": {"tag": "admin", "summary": "Replace the tier limits of a key, or of a user and all their keys",
+                 "auth": "admin", "body": "Override", "ok": (201, "OverrideResult"),
+                 "errors": {404: ["key_not_found", "user_not_found"]}},
+    },
+    "/admin/overrides/{override_id}": {"delete": {
+        "tag": "admin", "summary": "Delete a limit override (the tier limits apply again)", "auth": "admin",
+        "params": [{"name": "override_id", "in": "path", "required": True,
+                    "schema": integer(minimum=0, maximum=MAX_ID)}],
+        "ok": (200, "OverrideResult"), "errors": {404: ["override_not_found", "not_found"]},
+    }},
+    "/admin/keys/{key_id}/credits": {"post": {
+        "tag": "admin", "summary": "Set a key's credits and their refill", "auth": "admin", "body": "Credits",
+        "params": [{"name": "key_id", "in": "path", "required": True, "schema": integer(minimum=0, maximum=MAX_ID)}],
+        "ok": (200, "KeyCredits"), "errors": {404: ["key_not_found", "not_found"]},
     }},
     "/admin/bans": {"get": {"tag": "admin", "summary": "Active IP bans", "auth": "admin", "ok": (200, "Bans")}},
     "/admin/ban_ip": {"post": {"tag": "admin", "summary": "Ban an IP address", "auth": "admin", "body": "BanIp",

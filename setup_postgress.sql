@@ -1,4 +1,4 @@
--- PostgreSQL schema for the API rate limiter (schema version 2).
+-- PostgreSQL schema for the API rate limiter (schema version 3).
 --
 -- The application creates and migrates this schema by itself on start-up (and with
 -- `python database.py`); this script is for DBAs who provision the database by hand.
@@ -38,7 +38,11 @@ CREATE TABLE api_keys (
     blocked_reason VARCHAR(500),
     revoked_at     TIMESTAMP WITHOUT TIME ZONE,
     created_at     TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    last_used_at   TIMESTAMP WITHOUT TIME ZONE
+    last_used_at   TIMESTAMP WITHOUT TIME ZONE,
+    expires_at     TIMESTAMP WITHOUT TIME ZONE,
+    credits        INTEGER,
+    credit_refill_amount INTEGER,
+    credit_refill_every  VARCHAR(8)
 );
 CREATE INDEX ix_api_keys_user_id ON api_keys (user_id);
 
@@ -125,6 +129,20 @@ CREATE TABLE alerts (
 );
 CREATE INDEX ix_alerts_timestamp ON alerts (timestamp);
 
+-- Runtime limit overrides set by an admin, for one key or for a user and all their keys.
+CREATE TABLE rate_overrides (
+    id         SERIAL PRIMARY KEY,
+    key_id     INTEGER REFERENCES api_keys (id) ON DELETE CASCADE,
+    user_id    INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    limits     TEXT         NOT NULL,
+    reason     VARCHAR(500) NOT NULL DEFAULT '',
+    created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    created_by VARCHAR(100) NOT NULL,
+    expires_at TIMESTAMP WITHOUT TIME ZONE
+);
+CREATE INDEX ix_rate_overrides_key_id ON rate_overrides (key_id);
+CREATE INDEX ix_rate_overrides_user_id ON rate_overrides (user_id);
+
 CREATE TABLE schema_migrations (
     version    INTEGER PRIMARY KEY,
     name       VARCHAR(100) NOT NULL,
@@ -133,6 +151,7 @@ CREATE TABLE schema_migrations (
 -- Version 2 changes SQLite only (AUTOINCREMENT): SERIAL sequences never hand out an id twice.
 INSERT INTO schema_migrations (version, name, applied_at)
 VALUES (1, 'initial schema', (now() AT TIME ZONE 'utc')),
-       (2, 'ids never reused (SQLite AUTOINCREMENT)', (now() AT TIME ZONE 'utc'));
+       (2, 'ids never reused (SQLite AUTOINCREMENT)', (now() AT TIME ZONE 'utc')),
+       (3, 'key expiry, credits, rate overrides', (now() AT TIME ZONE 'utc'));
 
 COMMIT;

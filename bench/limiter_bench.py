@@ -7,11 +7,19 @@ Redis run is followed by a PING run of one redis-py connection, and "vs PING" pa
 from other processes on the machine hits both sides of each ratio alike.
 
     /work/venv/bin/python bench/limiter_bench.py [--redis-url URL] [--repeat 5] [--memory-n 200000] [--redis-n 20000]
+        [--baseline /path/to/other/checkout] [--only policy]
+
+Policy cases (several limits in one decision, policy.py): ``check_policy`` with one limit, three limits
+(100/minute, 1000/hour, 10000/day) and a route of cost 5, each with the per-IP check as on the hot path;
+the peer is ``limits`` (moving window) checking the same three limits as separate calls, as
+Flask-Limiter does. ``--baseline`` also runs ``check_request`` of another checkout's limiter.py in
+the same interleaved runs (the default path before and after a change).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -20,13 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.storage import MemoryStorage, RedisStorage
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from limiter import STRATEGIES, RateLimiter  # noqa: E402
+from policy import Limit, Route, parse_policy  # noqa: E402
 
 LIMIT = 100
 TIERS = {"free": LIMIT}
@@ -69,6 +78,60 @@ def ours_check_request(url: str, prefixes: list[str], subjects: list[str]) -> Ca
         for subject in subjects:
             limiter.set_meta(subject, tier="free", blocked=False)
         return lambda subject: limiter.check_request("ip-" + subject, subject)
+
+    return setup
+
+
+def ours_policy(url: str, prefixes: list[str], subjects: list[str], limits: list[str], *, route: Route | None = None,
+                cost: int = 1) -> Callable[[], Callable[[str], object]]:
+    """check_policy: every limit of the tier (and the route's) in one atomic store call, IP included."""
+    rules = parse_policy({"tiers": {"free": limits}}, "bench", TIERS, 60)
+
+    def setup() -> Callable[[str], object]:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        prefixes.append(prefix)
+        limiter = RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9, rules=rules)
+        LIVE.append(limiter)
+        for subject in subjects:
+            limiter.set_meta(subject, tier="free", blocked=False)
+        return lambda subject: limiter.check_policy("ip-" + subject, subject, route=route, cost=cost)
+
+    return setup
+
+
+def baseline_check_request(path: str, url: str, prefixes: list[str],
+                           subjects: list[str]) -> Callable[[], Callable[[str], object]]:
+    """check_request of another checkout's limiter.py (e.g. before a change), loaded under its own name."""
+    spec = importlib.util.spec_from_file_location("limiter_baseline", Path(path) / "limiter.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def setup() -> Callable[[str], object]:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        prefixes.append(prefix)
+        limiter = module.RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9)
+        LIVE.append(limiter)
+        for subject in subjects:
+            limiter.set_meta(subject, tier="free", blocked=False)
+        return lambda subject: limiter.check_request("ip-" + subject, subject)
+
+    return setup
+
+
+def theirs_several(url: str, prefixes: list[str]) -> Callable[[], Callable[[str], object]]:
+    """limits checking three limits as separate calls (moving window), stopping at the first refusal."""
+    items = [RateLimitItemPerMinute(LIMIT), RateLimitItemPerHour(10 * LIMIT), RateLimitItemPerDay(100 * LIMIT)]
+
+    def setup() -> Callable[[str], object]:
+        if url == "memory://":
+            storage = MemoryStorage()
+        else:
+            prefix = f"benchlimits{uuid.uuid4().hex[:8]}"
+            prefixes.append(prefix)
+            storage = RedisStorage(url, key_prefix=prefix)
+        limiter = MovingWindowRateLimiter(storage)
+        return lambda subject: all(limiter.hit(item, subject) for item in items)
 
     return setup
 
@@ -131,17 +194,34 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--memory-n", type=int, default=200_000)
     parser.add_argument("--redis-n", type=int, default=20_000)
+    parser.add_argument("--baseline", help="another checkout whose check_request to measure alongside")
+    parser.add_argument("--only", choices=["policy"], help="only the policy cases (and the ones they are compared to)")
     args = parser.parse_args()
+    route = Route(1, "*", "/search", 5, False, (Limit("route1-day", 500 * LIMIT, 86400),))
 
     prefixes: list[str] = []
     cases: list[tuple[str, str, int, Callable]] = []  # (store, name, n, setup)
     for store, url, n in (("memory", "memory://", args.memory_n), ("redis", args.redis_url, args.redis_n)):
         subjects = [f"s{i}" for i in range(max(1, n // (2 * LIMIT)))]
         for strategy in STRATEGIES:
-            cases.append((store, f"ours {strategy}", n, ours(url, strategy, prefixes)))
+            if not args.only or strategy == "sliding_window":
+                cases.append((store, f"ours {strategy}", n, ours(url, strategy, prefixes)))
         cases.append((store, "ours check_request", n, ours_check_request(url, prefixes, subjects)))
+        if args.baseline:
+            cases.append((store, "baseline check_request", n, baseline_check_request(args.baseline, url, prefixes,
+                                                                                      subjects)))
+        three = [f"{LIMIT}/minute", f"{10 * LIMIT}/hour", f"{100 * LIMIT}/day"]
+        cases += [
+            (store, "ours policy 1 limit", n, ours_policy(url, prefixes, subjects, [f"{LIMIT}/minute"])),
+            (store, "ours policy 3 limits", n, ours_policy(url, prefixes, subjects, three)),
+            (store, "ours policy route cost 5", n, ours_policy(url, prefixes, subjects,
+                                                               [f"{5 * LIMIT}/minute", f"{50 * LIMIT}/hour"],
+                                                               route=route, cost=5)),
+            (store, "limits 3 limits (3 calls)", n, theirs_several(url, prefixes)),
+        ]
         for strategy in LIMITS_STRATEGIES:
-            cases.append((store, f"limits {strategy}", n, theirs(url, strategy, prefixes)))
+            if not args.only or strategy == "moving_window":
+                cases.append((store, f"limits {strategy}", n, theirs(url, strategy, prefixes)))
 
     client = redis.Redis.from_url(args.redis_url, socket_timeout=1)
     ping_name = "PING (one redis-py connection)"
@@ -188,6 +268,17 @@ def report(rates: dict[tuple[str, str], list[float]], vs_ping: dict[str, list[fl
     for name in ("ours sliding_window", "ours check_request"):
         share = statistics.median(vs_ping[name])
         print(f"target redis: {name} = {100 * share:.0f}% of PING (>= 60%: {share >= 0.6})")
+    for store in ("memory", "redis"):
+        def paired(a: str, b: str, store: str = store) -> float:
+            return statistics.median(x / y for x, y in zip(rates[(store, a)], rates[(store, b)], strict=False))
+
+        three = paired("ours policy 3 limits", "limits 3 limits (3 calls)")
+        print(f"target {store}: policy 3 limits / limits 3 limits = {three:.2f}x (>= 2x: {three >= 2})")
+        one = paired("ours policy 1 limit", "ours check_request")
+        print(f"{store}: policy 1 limit / check_request = {one:.2f}x")
+        if (store, "baseline check_request") in rates:
+            same = paired("ours check_request", "baseline check_request")
+            print(f"target {store}: check_request / baseline check_request = {same:.3f}x (>= 0.95: {same >= 0.95})")
 
 
 if __name__ == "__main__":

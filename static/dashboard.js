@@ -224,6 +224,9 @@
     $('m-requests').textContent = fmtNumber(metrics.requests_total);
     $('m-limited').textContent = fmtNumber(metrics.rate_limited_total);
     $('m-ip-refused').textContent = fmtNumber(metrics.ip_refused_total);
+    const shadow = Object.entries(metrics.shadow_refusals || {});
+    $('m-shadow').textContent = shadow.length
+      ? shadow.map(([name, count]) => `${name}: ${fmtNumber(count)}`).join(', ') : '0';
     $('m-latency').textContent = `${Number(metrics.avg_response_ms || 0).toFixed(1)} ms`;
     $('m-uptime').textContent = fmtUptime(metrics.uptime_seconds);
     if (store) $('m-store').textContent = store;
@@ -631,6 +634,43 @@
     ])));
   }
 
+  function overrideTarget(row) {
+    return row.key_id !== null ? `key #${row.key_id}` : `user #${row.user_id}`;
+  }
+
+  async function loadOverrides() {
+    const data = await adminCall('Limit overrides', '/admin/overrides');
+    if (!data) return;
+    const tbody = $('overrides');
+    if (!data.overrides.length) return emptyRow(tbody, 5, 'No overrides');
+    tbody.replaceChildren(...data.overrides.map((row) => el('tr', { attrs: { 'data-override-id': row.id } }, [
+      cell(overrideTarget(row)), cell(row.limits.join(', ')),
+      cell(row.expires_at ? fmtDateTime(row.expires_at) + (row.active ? '' : ' (lapsed)') : 'never', 'when'),
+      cell(row.reason),
+      el('td', {}, [labelled(actionButton('Delete', 'secondary small', async (button) => {
+        button.disabled = true;
+        const result = await adminCall('Delete override', `/admin/overrides/${row.id}`, { method: 'DELETE' });
+        if (result) showMessage(`Override for ${overrideTarget(row)} deleted.`, 'ok');
+        await Promise.all([loadOverrides(), loadAudit()]);
+      }), `Delete override for ${overrideTarget(row)}`)]),
+    ])));
+  }
+
+  async function createOverride(event) {
+    event.preventDefault();
+    const body = {
+      [$('override-kind').value]: $('override-target').value.trim(),
+      limits: $('override-limits').value.split(',').map((item) => item.trim()).filter(Boolean),
+      reason: $('override-reason').value.trim(),
+    };
+    const expires = $('override-expires').value.trim();
+    if (expires) body.expires_at = expires;
+    const result = await adminCall('Override', '/admin/overrides', { method: 'POST', body });
+    if (!result) return;
+    showMessage(`Override ${result.override.limits.join(', ')} for ${result.override.target} is in force.`, 'ok');
+    await Promise.all([loadOverrides(), loadAudit()]);
+  }
+
   async function banIp(event) {
     event.preventDefault();
     const result = await adminCall('Ban IP', '/admin/ban_ip', {
@@ -655,7 +695,7 @@
 
   async function refreshAdmin() {
     if (!getToken()) return;
-    await Promise.all([loadUsers(), loadKeys(), loadBans(), loadAudit()]);
+    await Promise.all([loadUsers(), loadKeys(), loadBans(), loadOverrides(), loadAudit()]);
   }
 
   let adminRefreshTimer = null;
@@ -699,7 +739,8 @@
     showAdmin(false);
     state.events = [];
     state.eventIds = new Set();
-    ['top-keys', 'recent-429s', 'alerts', 'events', 'users', 'keys', 'bans', 'audit'].forEach((id) => $(id).replaceChildren());
+    ['top-keys', 'recent-429s', 'alerts', 'events', 'users', 'keys', 'bans', 'overrides', 'audit']
+      .forEach((id) => $(id).replaceChildren());
     reconnectSocket();
   }
 
@@ -728,6 +769,7 @@
       refreshAnalytics();
     });
     $('ban-form').addEventListener('submit', banIp);
+    $('override-form').addEventListener('submit', createOverride);
     $('admin-refresh').addEventListener('click', () => {
       refreshAdmin();
       refreshAnalytics();

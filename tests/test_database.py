@@ -158,7 +158,7 @@ def test_migration_2_rebuilds_legacy_sqlite_tables_without_losing_rows_or_reusin
     assert "AUTOINCREMENT" not in legacy_ddl.upper()
     assert add_key(engine, second, "rl_0000000c") == doomed_key  # the defect: a deleted id handed out again
 
-    assert db.migrate(engine) == [2]
+    assert db.migrate(engine) == [2, 3]
 
     with engine.connect() as conn:
         for name in ("users", "api_keys"):

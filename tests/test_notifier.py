@@ -334,6 +334,7 @@ def test_every_event_has_a_title():
         "ip_banned",
         "abuse_alert",
         "rate_limit_spike",
+        "credits_low",
     }
 
 
