@@ -259,7 +259,8 @@ def json_body(*, optional: bool = False) -> dict[str, Any]:
         if not storable_text(name):
             raise ApiError(400, "malformed_json", "A member name holds a NUL character or an unpaired surrogate")
         if not storable_text(value):
-            raise bad_request(name[:100], f"'{name[:100]}' must not contain NUL characters or unpaired surrogates")
+            label = name[:100] or '""'  # an empty member name is still a field to name
+            raise bad_request(label, f"'{label}' must not contain NUL characters or unpaired surrogates")
     return body
 
 
