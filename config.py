@@ -14,6 +14,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from redis_wire import SCHEMES as STORE_SCHEMES
+from redis_wire import parse_store_url
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIER_LIMITS: dict[str, int] = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
@@ -153,7 +156,7 @@ class Config:
 
     @property
     def store_kind(self) -> str:
-        return "redis" if self.storage_url.startswith(("redis://", "rediss://", "unix://")) else "memory"
+        return "memory" if self.storage_url.startswith("memory://") else "redis"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -240,8 +243,13 @@ class Config:
             raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.fail_mode not in FAIL_MODES:
             raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
-        if not self.storage_url.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.storage_url!r}")
+        if not self.storage_url.startswith(("memory://", *STORE_SCHEMES)):
+            raise ConfigError(f"REDIS_URL must start with {', '.join(STORE_SCHEMES)}, got {self.storage_url!r}")
+        if self.storage_url != "memory://":
+            try:
+                parse_store_url(self.storage_url)
+            except ValueError as exc:
+                raise ConfigError(f"REDIS_URL: {exc}") from None
         if self.env not in ("development", "production", "testing"):
             raise ConfigError(f"FLASK_ENV must be development or production, got {self.env!r}")
         if self.production:

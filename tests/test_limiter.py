@@ -54,11 +54,14 @@ class Clock:
         self.now += seconds
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def store_url(request) -> str:
+    """Every behaviour on each store: memory, one Redis, a Redis Cluster, Redis behind Sentinel."""
     if request.param == "redis":
         require_redis()
         return REDIS_URL
+    if request.param in ("cluster", "sentinel"):
+        return request.getfixturevalue(f"redis_{request.param}").url
     return "memory://"
 
 
