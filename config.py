@@ -108,6 +108,7 @@ class Config:
     strategy: str = "sliding_window"
     key_prefix: str = "rl"
     fail_mode: str = "memory"
+    refusal_cache: bool = True
     tier_limits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TIER_LIMITS))
     window_seconds: int = 60
     ip_rate_limit: int = 100
@@ -190,6 +191,7 @@ class Config:
             strategy=(env.get("RATELIMIT_STRATEGY") or "sliding_window").strip().lower(),
             key_prefix=(env.get("RATELIMIT_KEY_PREFIX") or "rl").strip(),
             fail_mode=(env.get("RATELIMIT_FAIL_MODE") or "memory").strip().lower(),
+            refusal_cache=_bool(env, "RATELIMIT_REFUSAL_CACHE", True),
             tier_limits=parse_tier_limits(env.get("TIER_LIMITS")),
             window_seconds=_int(env, "RATELIMIT_WINDOW", 60, 1),
             ip_rate_limit=_int(env, "IP_RATE_LIMIT", 100, 1),

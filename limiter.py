@@ -44,6 +44,7 @@ from redis_wire import (
     key_slot,
     parse_store_url,
 )
+from refusal_cache import EVERYTHING, RefusalCache
 
 log = logging.getLogger(__name__)
 
@@ -703,6 +704,9 @@ class MemoryStore:
             return [(ip, until, self._ban_count(self.keys.ip(ip, "bans"), now))
                     for ip, until in sorted(index.items(), key=lambda kv: kv[1]) if until > now]
 
+    def publish(self, channel: str, message: str) -> None:
+        """Nothing to tell: a memory store has no other processes."""
+
     def ping(self) -> None:
         """The memory store is always there."""
 
@@ -863,6 +867,34 @@ class RedisStore:
             counts = pipe.execute()
         return [(ip.decode(), int(until), n) for (ip, until), n in zip(entries, counts, strict=True)]
 
+    def publish(self, channel: str, message: str) -> None:
+        self._client.publish(channel, message)
+
+    # The subscription must fail loudly, never reconnect and resubscribe by itself: messages sent while
+    # it was away would be lost unseen. The client name lets operators (and tests) find it.
+    PUBSUB_OPTIONS: ClassVar[dict[str, Any]] = dict(socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                                                    health_check_interval=1, retry=Retry(NoBackoff(), 0))
+
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        return redis.Redis.from_url(self._url, client_name=name, **self.PUBSUB_OPTIONS)
+
+    def subscriber(self, channel: str) -> Callable[[], Any]:
+        """A function that subscribes to ``channel`` and returns the PubSub once Redis confirmed it."""
+        def subscribe() -> Any:
+            pubsub = self._pubsub_client(f"refusal-cache:{channel}").pubsub()
+            try:
+                pubsub.subscribe(channel)
+                for _ in range(3):
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "subscribe":
+                        return pubsub
+                raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel}")
+            except BaseException:
+                pubsub.close()
+                raise
+
+        return subscribe
+
     def reset(self) -> None:
         batch = []
         for key in self._client.scan_iter(match=self.keys.prefix + ":*", count=500):
@@ -969,6 +1001,14 @@ class SentinelStore(RedisStore):
 
     def reset(self) -> None:
         self._cold(lambda: RedisStore.reset(self))
+
+    def publish(self, channel: str, message: str) -> None:
+        self._cold(lambda: RedisStore.publish(self, channel, message))
+
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        host, port = self.resolver.master()
+        return redis.Redis(host=host, port=port, client_name=name, **self.PUBSUB_OPTIONS,
+                           **{k: v for k, v in self.spec.params.items() if k in ("db", "username", "password")})
 
 
 class ClusterStore(RedisStore):
@@ -1164,6 +1204,13 @@ class ClusterStore(RedisStore):
         self._client.zrem(self.keys.ban_index, ip)
         return bool(active)
 
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        if self.slots.stale:
+            self.slots.refresh()
+        host, port = self.slots.masters[os.getpid() % len(self.slots.masters)]  # spread the subscribers
+        return redis.Redis(host=host, port=port, client_name=name, **self.PUBSUB_OPTIONS,
+                           **{k: v for k, v in self.spec.params.items() if k in ("username", "password")})
+
     def close(self) -> None:
         for pool in self._pools.values():
             while pool:
@@ -1200,7 +1247,7 @@ class RateLimiter:
     def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
                  tier_limits: dict[str, int], window: int = 60, ip_limit: int = 100, ip_window: int = 60,
                  ban_seconds: int = 300, ban_multiplier: float = 2.0, fail_mode: str = "memory",
-                 key_prefix: str = "rl", clock: Callable[[], float] = time.time) -> None:
+                 key_prefix: str = "rl", clock: Callable[[], float] = time.time, refusal_cache: bool = True) -> None:
         if not storage_url.startswith(STORAGE_SCHEMES):
             raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}")
         if fail_mode not in FAIL_MODES:
@@ -1227,9 +1274,13 @@ class RateLimiter:
         self._pending: dict[str, tuple[str, tuple]] = {}  # writes made while down, replayed on recovery
         self._state_lock = threading.Lock()  # guards _down, the probe times and _pending
         self._health_at = -2 * HEALTH_PROBE_US  # clock time of health()'s last PING of an up store
+        self._refusals: RefusalCache | None = None  # refusals answered from memory (shared stores only)
+        self._channel = f"{key_prefix}:refusals"
         if storage_url.startswith("memory://"):
             return
         self._store = make_redis_store(storage_url, self.keys, self.strategy, self.policy)
+        if refusal_cache:
+            self._refusals = RefusalCache(self._store.subscriber(self._channel))
         try:
             self._store.ping()
         except STORE_ERRORS as exc:
@@ -1241,7 +1292,7 @@ class RateLimiter:
         return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
                    ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
                    ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix,
-                   clock=clock)
+                   clock=clock, refusal_cache=config.refusal_cache)
 
     @property
     def store_kind(self) -> str:
@@ -1253,6 +1304,8 @@ class RateLimiter:
 
     # ---- fail modes
     def _mark_down(self, exc: Exception, now: int) -> None:
+        if self._refusals is not None:
+            self._refusals.clear()
         with self._state_lock:
             if not self._down:
                 log.warning("rate-limit store unreachable (%s); fail_mode=%s until it answers again", exc,
@@ -1284,6 +1337,8 @@ class RateLimiter:
                 self._next_probe = now + self._probe_delay
             return False
         log.warning("rate-limit store reachable again; shared limits restored")
+        if self._refusals is not None:  # writes made during the outage published nothing: drop every refusal
+            self._invalidate(EVERYTHING)
         return True
 
     def _replay(self, batch: dict[str, tuple[str, tuple]]) -> None:
@@ -1395,12 +1450,69 @@ class RateLimiter:
         # 0: no subject, 1: count the request, 2: peek. Passed through to both stores as is.
         has_subject = 0 if subject is None else 1 if consume else 2
         if not self._down:  # fast path, as in _limit
+            cache, generation = self._refusals, None
+            if cache is not None and not flags:  # flags are answered by the store only
+                cached = self._cached_refusal(cache, ip, subject, now)
+                if cached is not None:
+                    return cached
+                generation = cache.ready()
             try:
-                return self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
+                decision = self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
             except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
+            else:
+                if generation is not None:
+                    self._remember(cache, decision, ip, subject, now, generation)  # type: ignore[arg-type]
+                return decision
         raw, degraded = self._exec("check", keys, now, ip or "", has_subject)
         return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
+
+    # ---- the refusal cache: "i:<ip>" banned until; "s:<subject>" refused until (tier, limit, reset)
+    @staticmethod
+    def _cached_refusal(cache: RefusalCache, ip: str | None, subject: str | None, now: int) -> RequestDecision | None:
+        if ip is not None:
+            ban = cache.get("i:" + ip, now)
+            if ban is not None:
+                until, bans = ban
+                return RequestDecision(IpDecision(False, True, (until - now) / US, bans, False), None, None, False,
+                                       False, {})
+        if subject is not None:
+            refusal = cache.get("s:" + subject, now)
+            if refusal is not None:
+                until, tier, limit, reset = refusal
+                result = _new_tuple(LimitResult, (False, limit, 0, reset, (until - now) / US))
+                # ban_count is only reported with a ban that starts: 0 here, as for any admitted IP
+                ip_decision = None if ip is None else IpDecision(True, False, 0.0, 0, False)
+                return RequestDecision(ip_decision, result, tier, False, False, {})
+        return None
+
+    @staticmethod
+    def _remember(cache: RefusalCache, decision: RequestDecision, ip: str | None, subject: str | None, now: int,
+                  generation: int) -> None:
+        ip_decision, result = decision.ip, decision.result
+        if ip_decision is not None and ip_decision.banned and ip_decision.retry_after > 0:
+            until = now + round(ip_decision.retry_after * US)
+            cache.put("i:" + ip, until, (until, ip_decision.ban_count), generation)  # type: ignore[operator]
+        elif result is not None and not result.allowed and result.retry_after > 0 and not decision.blocked:
+            until = now + round(result.retry_after * US)
+            cache.put("s:" + subject, until, (until, decision.tier, result.limit, result.reset),  # type: ignore[operator]
+                      generation)
+
+    def _invalidate(self, name: str) -> None:
+        """Drop ``name``'s cached refusal here and, through the store's channel, in every process."""
+        cache = self._refusals
+        if cache is None:
+            return
+        cache.drop(name)
+        try:
+            self._exec("publish", self._channel, name)
+        except StoreUnavailable:
+            pass  # the others' subscriptions break too; recovery then invalidates everything
+
+    def invalidate_refusals(self, subject: str | None = None) -> None:
+        """Forget cached refusals of ``subject`` (all when None) in every process, e.g. after an
+        override raised its limit. set_meta, delete_meta, unban_ip and reset call this themselves."""
+        self._invalidate(EVERYTHING if subject is None else "s:" + subject)
 
     def _decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], opened: bool) -> RequestDecision:
         win = self.policy.window
@@ -1426,10 +1538,12 @@ class RateLimiter:
     def set_meta(self, subject: str, *, tier: str, blocked: bool) -> None:
         """Store the subject's tier and blocked flag where check_request reads them (TTL one day)."""
         self._exec("set_meta", self.keys.subject(subject, "meta"), self._now(), tier, blocked)
+        self._invalidate("s:" + subject)
 
     def delete_meta(self, subject: str) -> None:
         """Forget the subject's meta (e.g. key deleted); the next check reports meta_missing."""
         self._exec("delete_meta", self.keys.subject(subject, "meta"), self._now())
+        self._invalidate("s:" + subject)
 
     def set_flag(self, name: str, ttl: int) -> None:
         """Set a flag (e.g. ``revoked:<jti>``) for ``ttl`` seconds, seen by every worker."""
@@ -1444,7 +1558,9 @@ class RateLimiter:
 
     def unban_ip(self, ip: str) -> bool:
         """Lift a ban and forget the IP's recent requests; True if a ban was active."""
-        return bool(self._exec("unban", ip, self._now())[0])
+        lifted = bool(self._exec("unban", ip, self._now())[0])
+        self._invalidate("i:" + ip)
+        return lifted
 
     def list_bans(self) -> list[dict]:
         """Active bans from the ban index: [{"ip", "expires_epoch", "ban_count"}]."""
@@ -1459,9 +1575,12 @@ class RateLimiter:
                 self._store.reset()
             except STORE_ERRORS as exc:
                 log.warning("reset could not reach Redis: %s", exc)
+        self._invalidate(EVERYTHING)
 
     def close(self) -> None:
         """Close connections; the limiter must not be used afterwards."""
+        if self._refusals is not None:
+            self._refusals.close()
         try:
             self._store.close()
         except STORE_ERRORS:
