@@ -90,8 +90,10 @@ def cluster_port() -> int:
 
 
 def _server_argv(port: int, *extra: str) -> list[str]:
+    # A replica syncs at once (not after the default 5 s diskless delay): a failover right after a node
+    # (re)joined must not find an empty replica.
     return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", ".", *extra]
+            "--dir", ".", "--repl-diskless-sync-delay", "0", *extra]
 
 
 class ClusterServers(Topology):
@@ -115,7 +117,13 @@ class ClusterServers(Topology):
         """Every live node sees the cluster as ok and every slot has a reachable master."""
         def ok() -> bool:
             for port, proc in self.procs.items():
-                if proc.poll() is None and redis.Redis(port=port).cluster("info")["cluster_state"] != "ok":
+                if proc.poll() is not None:
+                    continue
+                node = redis.Redis(port=port)
+                if node.cluster("info")["cluster_state"] != "ok":
+                    return False
+                info = node.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
                     return False
             return len(self.masters()) == 3
 
