@@ -710,6 +710,9 @@ class MemoryStore:
     def ping(self) -> None:
         """The memory store is always there."""
 
+    def alive(self) -> None:
+        """The memory store is always there."""
+
     def reset(self) -> None:
         with self._lock:
             self._data.clear()
@@ -1054,7 +1057,8 @@ class ClusterStore(RedisStore):
         """
         replies: list[Any] = [None] * len(commands)
         # item: (index, slot, command, ASK target or None)
-        todo = [(i, key_slot(key), cmd, None) for i, (key, cmd) in enumerate(commands)]
+        todo: list[tuple[int, int, tuple, Addr | None]] = [(i, key_slot(key), cmd, None)
+                                                            for i, (key, cmd) in enumerate(commands)]
         for attempt in range(self.REDIRECTS):
             groups: dict[Addr, list] = {}
             for item in todo:

@@ -85,12 +85,12 @@ def parse_store_url(url: str) -> StoreSpec:
     """
     if url.startswith(PLAIN_SCHEMES):
         try:
-            params = parse_url(url)
+            plain = parse_url(url)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"storage URL {_redact(url)!r} is malformed: {exc}") from None
-        if not url.startswith("unix://") and not params.get("host"):
+        if not url.startswith("unix://") and not plain.get("host"):
             raise ValueError(f"storage URL {_redact(url)!r} names no host")
-        return StoreSpec("plain", params)
+        return StoreSpec("plain", plain)
     if not url.startswith((SENTINEL_SCHEME, CLUSTER_SCHEME)):
         raise ValueError(f"unknown storage URL {_redact(url)!r}; valid schemes: memory://, {', '.join(SCHEMES)}")
     kind = "sentinel" if url.startswith(SENTINEL_SCHEME) else "cluster"
@@ -371,7 +371,7 @@ class SlotMap:
                     errors.append(f"{host}:{port}: {exc}")
                     continue
                 slots: list[Addr | None] = [None] * SLOTS
-                masters = {}
+                masters: dict[Addr, None] = {}
                 for start, end, master, *_ in ranges:
                     addr = ((master[0].decode() or host), int(master[1]))
                     masters[addr] = None

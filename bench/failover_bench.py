@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -32,14 +33,15 @@ from tests.redis_servers import SENTINEL_PASSWORD, ClusterServers, SentinelServe
 LIMIT = 10**9
 
 
-def one_run(kind: str, servers, threads: int) -> tuple[int, int, float]:
+def one_run(kind: str, servers: Any, threads: int) -> tuple[int, int, float]:
     """(acknowledged before the kill, lost, seconds until the shared store answered again)."""
     rl = RateLimiter(servers.url, tier_limits={"free": 5}, key_prefix=f"fo{uuid.uuid4().hex[:8]}",
                      fail_mode="memory", refusal_cache=False)
     key = rl.keys.subject("hot", "sw")
+    store: Any = rl._store
     if kind == "cluster":
-        rl._store.slots.refresh()
-        victim = rl._store.slots.node(key_slot(key))[1]
+        store.slots.refresh()
+        victim = store.slots.node(key_slot(key))[1]
     else:
         victim = servers.master()
     acked = [0]
@@ -68,7 +70,7 @@ def one_run(kind: str, servers, threads: int) -> tuple[int, int, float]:
         time.sleep(0.05)
         if not rl._down and rl.health() == "ok" and time.monotonic() - killed_at > 0.5:
             try:
-                rl._store.ping()
+                store.ping()
                 break
             except redis.RedisError:
                 continue
@@ -77,8 +79,8 @@ def one_run(kind: str, servers, threads: int) -> tuple[int, int, float]:
     for worker in workers:
         worker.join()
     if kind == "cluster":
-        rl._store.slots.refresh()
-        port = rl._store.slots.node(key_slot(key))[1]
+        store.slots.refresh()
+        port = store.slots.node(key_slot(key))[1]
         client = redis.Redis(port=port)
     else:
         client = redis.Redis(port=servers.master(), password=SENTINEL_PASSWORD)

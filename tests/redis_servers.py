@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ class SentinelServers(Topology):
         _wait(ok, timeout, "Sentinel set")
 
 
-def _start(kind: type[Topology]) -> Topology:
+def _start(kind: Callable[[], Topology]) -> Topology:
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
         unavailable("redis-server / redis-cli")
     return kind()
