@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def main() -> int:
         cluster.stop()
         single.terminate()
         single.wait(10)
+        shutil.rmtree(single.args[-1], ignore_errors=True)  # its --dir
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
     print(f"# check_request decisions/s (all admitted, cache off), median of {args.repeat}")
     print(f"| store | 1 process | {args.procs} processes |")
