@@ -1392,6 +1392,7 @@ def publish_policy(svc: Services, *, subjects: Sequence[str] = (), key_id: int |
 def create_override() -> tuple[Response, int]:
     """Replace the tier's limits of a key, or of a user and all their keys, until ``expires_at``."""
     svc = services()
+    policy_rules.require_policy_store(svc.limiter)
     body = json_body()
     limits = policy_rules.parse_override_limits(body)
     expires_at = parse_timestamp(body, "expires_at", after=svc.clock())
@@ -1445,6 +1446,7 @@ def delete_override(override_id: int) -> Response:
 def set_key_credits(key_id: int) -> Response:
     """Grant credits (spent by each admitted request's cost), optionally refilled every day or month."""
     svc = services()
+    policy_rules.require_policy_store(svc.limiter)
     credits, amount, every = policy_rules.parse_credits(json_body())
     with svc.engine.begin() as conn:
         key = find_key(conn, {"key_id": key_id})

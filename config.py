@@ -14,6 +14,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from redis_wire import SCHEMES as STORE_SCHEMES
+from redis_wire import parse_store_url
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIER_LIMITS: dict[str, int] = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
@@ -114,6 +117,7 @@ class Config:
     strategy: str = "sliding_window"
     key_prefix: str = "rl"
     fail_mode: str = "memory"
+    refusal_cache: bool = True
     tier_limits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TIER_LIMITS))
     policy_path: str | None = None  # RATELIMIT_POLICY: TOML policy file (policy.py), read by create_app
     window_seconds: int = 60
@@ -165,7 +169,7 @@ class Config:
 
     @property
     def store_kind(self) -> str:
-        return "redis" if self.storage_url.startswith(("redis://", "rediss://", "unix://")) else "memory"
+        return "memory" if self.storage_url.startswith("memory://") else "redis"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -199,6 +203,7 @@ class Config:
             strategy=(env.get("RATELIMIT_STRATEGY") or "sliding_window").strip().lower(),
             key_prefix=(env.get("RATELIMIT_KEY_PREFIX") or "rl").strip(),
             fail_mode=(env.get("RATELIMIT_FAIL_MODE") or "memory").strip().lower(),
+            refusal_cache=_bool(env, "RATELIMIT_REFUSAL_CACHE", True),
             tier_limits=parse_tier_limits(env.get("TIER_LIMITS")),
             policy_path=(env.get("RATELIMIT_POLICY") or "").strip() or None,
             window_seconds=_int(env, "RATELIMIT_WINDOW", 60, 1),
@@ -254,11 +259,19 @@ class Config:
             raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.fail_mode not in FAIL_MODES:
             raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
-        if not self.storage_url.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.storage_url!r}")
+        if not self.storage_url.startswith(("memory://", *STORE_SCHEMES)):
+            raise ConfigError(f"REDIS_URL must start with {', '.join(STORE_SCHEMES)}, got {self.storage_url!r}")
+        if self.storage_url != "memory://":
+            try:
+                parse_store_url(self.storage_url)
+            except ValueError as exc:
+                raise ConfigError(f"REDIS_URL: {exc}") from None
         if not MIN_IPV6_PREFIX <= self.ipv6_prefix_length <= 128:
             raise ConfigError(f"IPV6_PREFIX_LENGTH must be between {MIN_IPV6_PREFIX} and 128, "
                               f"got {self.ipv6_prefix_length}")
+        if self.policy_path and self.storage_url.startswith("redis+cluster://"):
+            raise ConfigError("RATELIMIT_POLICY is not supported with a redis+cluster:// store yet; "
+                              "use one Redis or redis+sentinel://")
         if self.env not in ("development", "production", "testing"):
             raise ConfigError(f"FLASK_ENV must be development or production, got {self.env!r}")
         if self.production:

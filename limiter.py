@@ -7,24 +7,23 @@ identically for the same timeline. Times are integer microseconds of the injecte
 passed into the scripts (never Redis TIME), so tests can drive time and app instances agree.
 
 Key names put the subject in a Redis Cluster hash tag (``rl:{k:42}:sw``, ``rl:{ip:1.2.3.4}:ban``).
-``check_request`` touches IP keys, subject keys, flag keys and the ban index in one script:
-fine on standalone Redis (and Sentinel), not on Redis Cluster.
+On one Redis (plain or behind Sentinel) ``check_request`` is one script over the IP's keys, the
+subject's keys, the flags and the ban index. On Redis Cluster it is one script per slot (the IP's,
+the subject's) plus the flag reads, sent to their nodes at once: one round trip of wall time.
 """
 
 from __future__ import annotations
 
 import bisect
 import datetime as dt
+import hashlib
 import itertools
 import logging
 import math
 import os
 import re
 import secrets
-import socket
-import ssl
 import string
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,10 +31,23 @@ from typing import Any, ClassVar, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
 from redis.retry import Retry
 
 from policy import default_policy, limit_name
+from redis_wire import (
+    CONNECT_TIMEOUT,
+    OP_TIMEOUT,
+    Addr,
+    ConnectFailed,
+    RespConnection,
+    SentinelResolver,
+    SlotMap,
+    StoreSpec,
+    encode,
+    key_slot,
+    parse_store_url,
+)
+from refusal_cache import EVERYTHING, RefusalCache
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +55,10 @@ US = 1_000_000
 DAY_US = 86_400 * US
 META_TTL_US = DAY_US
 MAX_BAN_US = 30 * DAY_US
-STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 FAIL_MODES = ("memory", "open", "closed")
 PROBE_FIRST_US, PROBE_MAX_US = 1 * US, 30 * US
 HEALTH_PROBE_US = 1 * US  # health() pings an up store at most this often
-CONNECT_TIMEOUT, OP_TIMEOUT = 0.5, 1.0
 
 
 class LimitResult(NamedTuple):
@@ -194,6 +205,14 @@ local function ban_count(hist, now)
   return redis.call('ZCOUNT', hist, '(' .. num(now - DAY), '+inf')
 end
 
+local function index_add(index, ip, now, u)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', num(now))
+  redis.call('ZADD', index, num(u), ip)
+  if redis.call('PTTL', index) < (u - now) / 1000 then redis.call('PEXPIRE', index, ms(u - now)) end
+end
+
+-- index: the ban index key, or false when it lives in another cluster slot (the caller adds the
+-- IP to it with the index script).
 local function start_ban(ban, hist, index, ip, now, length, base, mult, cap, nonce)
   redis.call('ZREMRANGEBYSCORE', hist, '-inf', num(now - DAY))
   local n = redis.call('ZCARD', hist) + 1
@@ -202,10 +221,31 @@ local function start_ban(ban, hist, index, ip, now, length, base, mult, cap, non
   redis.call('SET', ban, num(u), 'PX', ms(length))
   redis.call('ZADD', hist, num(now), nonce)
   redis.call('PEXPIRE', hist, ms(DAY))
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', num(now))
-  redis.call('ZADD', index, num(u), ip)
-  if redis.call('PTTL', index) < length / 1000 then redis.call('PEXPIRE', index, ms(length)) end
+  if index then index_add(index, ip, now, u) end
   return n, u
+end
+
+-- Undo one request recorded at ``now`` under ``nonce`` (Redis Cluster only: the subject's slot
+-- counted a request that the IP's slot or a flag then refused).
+local function undo_sliding_window(key, now, limit, window, nonce)
+  redis.call('ZREM', key, nonce .. ':1')
+end
+
+local function undo_fixed_window(key, now, limit, window, nonce)
+  local st = redis.call('HMGET', key, 'b', 'n')
+  if tonumber(st[1]) == bucket(now, window) and (tonumber(st[2]) or 0) > 0 then redis.call('HINCRBY', key, 'n', -1) end
+end
+
+local function undo_sliding_window_counter(key, now, limit, window, nonce)
+  local st = redis.call('HMGET', key, 'b', 'c')
+  if tonumber(st[1]) == bucket(now, window) and (tonumber(st[2]) or 0) > 0 then redis.call('HINCRBY', key, 'c', -1) end
+end
+
+local function undo_gcra(key, now, limit, window, nonce)
+  local tat = tonumber(redis.call('GET', key))
+  if not tat then return end
+  tat = tat - math.floor(window / limit)
+  if tat > now then redis.call('SET', key, num(tat), 'PX', ms(tat - now)) else redis.call('DEL', key) end
 end
 """
 
@@ -213,13 +253,45 @@ end
 LUA_HIT = "return {strategy}(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), " \
     "tonumber(ARGV[5]), ARGV[6])"
 
-# KEYS: ban, ban history, ip log, ban index, meta, subject key, flags...
-# ARGV: now, nonce, ip ('' = exempt), has_subject ('1'/'0'). The policy is rendered into the source
-# as constants (one script per configuration): fewer arguments to send and parse on every request.
-LUA_CHECK = string.Template("""
+# The request's policy, rendered into the source as constants (one script per configuration: fewer
+# arguments to send and parse on every request), and its two parts: the IP's and the subject's.
+# Each part touches only its own hash slot, so on Redis Cluster each runs as a script of its own.
+LUA_POLICY = string.Template("""
 local LIMITS, DEFAULT_LIMIT, WINDOW = $limits, $default_limit, $window
 local IP_LIMIT, IP_WINDOW, BAN_US, BAN_MULT, BAN_CAP = $ip_limit, $ip_window, $ban_us, $ban_multiplier, $ban_cap
-local now, nonce, ip = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+
+-- The IP's ban: (until, bans in the last day); banned while until > now.
+local function ip_gate(ban, hist, now)
+  return tonumber(redis.call('GET', ban)) or 0, ban_count(hist, now)
+end
+
+-- Count the request against the IP; over the limit starts a ban: returns (n, until) then, else nil.
+local function ip_count(ban, hist, iplog, index, ip, now, nonce)
+  local r = sliding_window(iplog, now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
+  if r[1] == 1 then return nil end
+  return start_ban(ban, hist, index, ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
+end
+
+-- The subject's tier and blocked flag, and the tier's limit; nil when the meta is missing.
+local function subject_meta(meta)
+  local m = redis.call('HMGET', meta, 'tier', 'blocked', 'ovx', 'cr')
+  if not m[1] then return nil end
+  -- an active override ('ovx': its expiry, 0 never) or credits divert the subject to the policy script
+  local ovx = tonumber(m[3])
+  local diverted = (ovx and (ovx == 0 or ovx > tonumber(ARGV[1]))) or m[4] ~= false
+  return m[1], tonumber(m[2]) or 0, LIMITS[m[1]] or DEFAULT_LIMIT, diverted
+end
+
+-- mode '1' counts the request, '2' peeks (same answer, nothing written).
+local function subject_hit(key, now, limit, mode, nonce)
+  return $strategy(key, now, limit, WINDOW, 1, mode == '1' and 1 or 0, nonce)
+end
+""")
+
+# One Redis: KEYS ban, ban history, ip log, ban index, meta, subject key, flags...
+# ARGV: now, nonce, ip ('' = exempt), has_subject ('0' none, '1' count, '2' peek).
+LUA_CHECK = """
+local now, nonce, ip, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 -- Flags are read before anything is counted: a flagged request (e.g. a revoked token) is refused by
 -- the caller, so the subject hit is skipped like a blocked subject's (the IP still counts).
 local flags, flagged = {}, false
@@ -233,38 +305,60 @@ local function finish(out)
 end
 local ip_code, bans = 0, 0
 if ip ~= '' then
-  local until_ = tonumber(redis.call('GET', KEYS[1])) or 0
-  bans = ban_count(KEYS[2], now)
+  local until_
+  until_, bans = ip_gate(KEYS[1], KEYS[2], now)
   if until_ > now then return finish({2, until_, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
   ip_code = 1
 end
-local tier, blocked, limit = '', 0, 0
--- ARGV[4]: '0' no subject, '1' count the request against it, '2' peek (same answer, nothing written)
-if ARGV[4] ~= '0' then
-  local m = redis.call('HMGET', KEYS[5], 'tier', 'blocked', 'ovx', 'cr')
-  if not m[1] then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
-  tier, blocked = m[1], tonumber(m[2]) or 0
+local tier, blocked, limit, diverted = '', 0, 0, false
+if mode ~= '0' then
+  tier, blocked, limit, diverted = subject_meta(KEYS[5])
+  if not tier then return finish({ip_code, 0, bans, 1, '', 0, 0, 0, 0, 0, 0}) end
   -- an active override or credits: decided by the policy script instead (nothing counted here)
-  local ovx = tonumber(m[3])
-  if (ovx and (ovx == 0 or ovx > now)) or m[4] then return finish({ip_code, 0, bans, 4, '', 0, 0, 0, 0, 0, 0}) end
-  limit = LIMITS[tier] or DEFAULT_LIMIT
+  if diverted then return finish({ip_code, 0, bans, 4, '', 0, 0, 0, 0, 0, 0}) end
 end
 if ip ~= '' then
-  local r = sliding_window(KEYS[3], now, IP_LIMIT, IP_WINDOW, 1, 1, nonce)
-  if r[1] == 0 then
-    local n, u = start_ban(KEYS[1], KEYS[2], KEYS[4], ip, now, 0, BAN_US, BAN_MULT, BAN_CAP, nonce)
-    return finish({3, u, n, 0, '', 0, 0, 0, 0, 0, 0})
-  end
+  local n, u = ip_count(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ip, now, nonce)
+  if n then return finish({3, u, n, 0, '', 0, 0, 0, 0, 0, 0}) end
 end
-if ARGV[4] == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
+if mode == '0' then return finish({ip_code, 0, bans, 0, '', 0, 0, 0, 0, 0, 0}) end
 if blocked == 1 or flagged then return finish({ip_code, 0, bans, 3, tier, blocked, 0, 0, 0, 0, limit}) end
-local r = $strategy(KEYS[6], now, limit, WINDOW, 1, ARGV[4] == '1' and 1 or 0, nonce)
+local r = subject_hit(KEYS[6], now, limit, mode, nonce)
 return finish({ip_code, 0, bans, 2, tier, 0, r[1], r[2], r[3], r[4], limit})
-""")
+"""
 
-# KEYS ban, history, index; ARGV now, ip, length_us, nonce
-LUA_BAN = "local n, u = start_ban(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[1]), tonumber(ARGV[3]), " \
-    "0, 1, 0, ARGV[4]) return {n, u}"
+# Redis Cluster, the IP's slot. KEYS ban, ban history, ip log; ARGV now, nonce, ip.
+# Returns {1, 0, bans} counted, {2, until, bans} banned (nothing counted), {3, until, n} ban started
+# (the caller adds the IP to the ban index, which lives in another slot).
+LUA_CHECK_IP = """
+local now, nonce, ip = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local until_, bans = ip_gate(KEYS[1], KEYS[2], now)
+if until_ > now then return {2, until_, bans} end
+local n, u = ip_count(KEYS[1], KEYS[2], KEYS[3], false, ip, now, nonce)
+if n then return {3, u, n} end
+return {1, 0, bans}
+"""
+
+# Redis Cluster, the subject's slot. KEYS meta, subject key; ARGV now, nonce, mode ('1' count, '2' peek).
+# Returns {meta_code, tier, blocked, allowed, a, b, c, limit}: meta_code 1 missing, 2 decided, 3 blocked.
+LUA_CHECK_SUBJECT = """
+local now, nonce, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local tier, blocked, limit = subject_meta(KEYS[1])
+if not tier then return {1, '', 0, 0, 0, 0, 0, 0} end
+if blocked == 1 then return {3, tier, 1, 0, 0, 0, 0, limit} end
+local r = subject_hit(KEYS[2], now, limit, mode, nonce)
+return {2, tier, 0, r[1], r[2], r[3], r[4], limit}
+"""
+
+# Redis Cluster: take back a subject hit. KEYS subject key; ARGV now, nonce, limit.
+LUA_UNDO = "undo_{strategy}(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[3]), {window}, ARGV[2]) return 1"
+
+# Redis Cluster, the ban index's slot. KEYS index; ARGV now, ip, until.
+LUA_INDEX = "index_add(KEYS[1], ARGV[2], tonumber(ARGV[1]), tonumber(ARGV[3])) return 1"
+
+# KEYS ban, history[, index]; ARGV now, ip, length_us, nonce (no index on Redis Cluster: see LUA_INDEX)
+LUA_BAN = "local n, u = start_ban(KEYS[1], KEYS[2], KEYS[3] or false, ARGV[2], tonumber(ARGV[1]), " \
+    "tonumber(ARGV[3]), 0, 1, 0, ARGV[4]) return {n, u}"
 # KEYS ban, ip log, index, ban history; ARGV now, ip, replay ('1': an unban queued during an outage,
 # skipped when a ban started after it, e.g. one set through another worker in the meantime)
 LUA_UNBAN = """
@@ -272,6 +366,14 @@ if ARGV[3] == '1' and redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[1], '+inf') > 0 
 local active = (tonumber(redis.call('GET', KEYS[1])) or 0) > tonumber(ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
+return active and 1 or 0
+"""
+# Redis Cluster, the IP's slot: LUA_UNBAN without the index. KEYS ban, ip log, ban history; returns -1
+# when a replayed unban is skipped, else 1/0 (was a ban active); the caller then removes the IP from the index.
+LUA_UNBAN_IP = """
+if ARGV[3] == '1' and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[1], '+inf') > 0 then return -1 end
+local active = (tonumber(redis.call('GET', KEYS[1])) or 0) > tonumber(ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return active and 1 or 0
 """
 
@@ -900,7 +1002,13 @@ class MemoryStore:
             return [(ip, until, self._ban_count(self.keys.ip(ip, "bans"), now))
                     for ip, until in sorted(index.items(), key=lambda kv: kv[1]) if until > now]
 
+    def publish(self, channel: str, message: str) -> None:
+        """Nothing to tell: a memory store has no other processes."""
+
     def ping(self) -> None:
+        """The memory store is always there."""
+
+    def alive(self) -> None:
         """The memory store is always there."""
 
     def reset(self) -> None:
@@ -911,127 +1019,55 @@ class MemoryStore:
         self.reset()
 
 
-class _RespConnection:
-    """A lean RESP2 connection for the hot path: blocking socket with kernel-level timeouts.
-
-    redis-py's per-command machinery costs more than the network round trip on loopback;
-    this connection only sends pre-encoded commands and parses flat replies.
-    """
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        if "path" in params:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(params["path"])
-        else:
-            sock = socket.create_connection((params.get("host", "localhost"), params.get("port", 6379)),
-                                            timeout=CONNECT_TIMEOUT)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if params.get("connection_class") is redis.SSLConnection:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=params.get("host"))
-        if not isinstance(sock, ssl.SSLSocket):  # an SSL socket needs Python-level timeouts
-            timeval = struct.pack("ll", int(OP_TIMEOUT), int(OP_TIMEOUT % 1 * US))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            sock.settimeout(None)
-        else:
-            sock.settimeout(OP_TIMEOUT)
-        self.sock = sock
-        self.reader = sock.makefile("rb")
-        if params.get("password"):
-            auth = [params["username"], params["password"]] if params.get("username") else [params["password"]]
-            self.call("AUTH", *auth)
-        if params.get("db"):
-            self.call("SELECT", params["db"])
-
-    def call(self, *args: Any) -> Any:
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        try:
-            self.sock.sendall(b"".join(parts))
-            return self._read()
-        except (OSError, ValueError, TypeError) as exc:  # socket errors, timeouts, unparsable replies
-            raise redis.ConnectionError(f"Redis connection lost: {exc!r}") from exc
-
-    def _read(self) -> Any:
-        line = self.reader.readline()
-        if not line.endswith(b"\r\n"):
-            raise redis.ConnectionError("Redis closed the connection or timed out")
-        kind, body = line[:1], line[1:-2]
-        if kind == b":":
-            return int(body)
-        if kind == b"$":
-            size = int(body)
-            if size < 0:
-                return None
-            # On a timeout (SO_RCVTIMEO) or a close, read() returns None or fewer bytes.
-            data = self.reader.read(size + 2)
-            if data is None or len(data) != size + 2:
-                raise redis.ConnectionError("Redis reply cut short: timed out or connection closed")
-            return data[:-2]
-        if kind == b"*":
-            size = int(body)
-            if size < 0:
-                return None
-            out, error = [], None
-            for _ in range(size):  # read every element, so an error inside leaves the stream in step
-                try:
-                    out.append(self._read())
-                except redis.ResponseError as exc:
-                    error = error or exc
-                    out.append(None)
-            if error is not None:
-                raise error
-            return out
-        if kind == b"+":
-            return body
-        if kind != b"-":
-            raise redis.ConnectionError(f"Redis protocol error: unexpected reply type {kind!r}")
-        if body.startswith(b"NOSCRIPT"):
-            raise redis.exceptions.NoScriptError(body.decode(errors="replace"))
-        raise redis.ResponseError(body.decode(errors="replace"))
-
-    def close(self) -> None:
-        try:
-            self.reader.close()
-            self.sock.close()
-        except OSError:
-            pass
+_RespConnection = RespConnection  # the name older code and tests know
 
 
 class RedisStore:
-    """Shared store: hot-path scripts over lean pooled connections, cold paths over redis-py."""
+    """Shared store on one Redis: hot-path scripts over lean pooled connections, cold paths over redis-py."""
 
     kind = "redis"
 
-    def __init__(self, url: str, keys: Keys, strategy: Strategy, policy: Policy) -> None:
+    def __init__(self, url: str, keys: Keys, strategy: Strategy, policy: Policy, spec: StoreSpec | None = None) -> None:
         self.keys = keys
-        self._params = parse_url(url)
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
-                                            retry=Retry(NoBackoff(), 0))
-        self._idle: list[_RespConnection] = []
+        self.spec = spec or parse_store_url(url)
+        self._params = dict(self.spec.params)
+        self._redis: Any = None  # the redis-py client of the cold paths, made on first use
+        self._url = url
+        self._idle: list[RespConnection] = []
         self._pid = os.getpid()
+        policy_lua = LUA_LIBRARY + policy.render(LUA_POLICY, strategy.name)
         sources = {
-            "hit": LUA_HIT.format(strategy=strategy.name),
-            "check": policy.render(LUA_CHECK, strategy.name),
-            "ban": LUA_BAN,
+            "hit": LUA_LIBRARY + LUA_HIT.format(strategy=strategy.name),
+            "check": policy_lua + LUA_CHECK,
+            "check_ip": policy_lua + LUA_CHECK_IP,
+            "check_subject": policy_lua + LUA_CHECK_SUBJECT,
+            "undo": LUA_LIBRARY + LUA_UNDO.format(strategy=strategy.name, window=policy.window),
+            "index": LUA_LIBRARY + LUA_INDEX,
+            "ban": LUA_LIBRARY + LUA_BAN,
             "unban": LUA_UNBAN,
+            "unban_ip": LUA_UNBAN_IP,
         }
-        self._scripts = {name: LUA_LIBRARY + body for name, body in sources.items()}
-        self._sha: dict[str, bytes] = {}
+        self._scripts = {name: src.encode() for name, src in sources.items()}
+        self._sha = {name: hashlib.sha1(src).hexdigest().encode() for name, src in self._scripts.items()}
+        self._by_sha = {sha: name for name, sha in self._sha.items()}
 
-    def _conn(self) -> _RespConnection:
+    @property
+    def _client(self) -> Any:
+        if self._redis is None:
+            self._redis = self._make_client()
+        return self._redis
+
+    def _make_client(self) -> Any:
+        return redis.Redis.from_url(self._url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                                    retry=Retry(NoBackoff(), 0))
+
+    def _conn(self) -> RespConnection:
         if self._pid != os.getpid():  # forked: never share a parent's sockets
             self._idle, self._pid = [], os.getpid()
         try:
             return self._idle.pop()
         except IndexError:
-            try:
-                return _RespConnection(self._params)
-            except OSError as exc:
-                raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+            return RespConnection(self._params)
 
     def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any], size: int = -1) -> Any:
         """EVALSHA, loading the script on first use or after a NOSCRIPT (e.g. Redis restarted).
@@ -1056,7 +1092,7 @@ class RedisStore:
             raise redis.ResponseError(f"unexpected reply to the {name} script: {reply!r:.80}")
         return reply
 
-    def _run(self, fn: Callable[[_RespConnection], Any]) -> Any:
+    def _run(self, fn: Callable[[RespConnection], Any]) -> Any:
         """``fn(conn)`` on a pooled connection, pooled again only if it is still in step."""
         conn = self._conn()
         try:
@@ -1070,13 +1106,14 @@ class RedisStore:
         self._idle.append(conn)
         return reply
 
-    def _load(self, conn: _RespConnection, name: str) -> bytes:
+    def _load(self, conn: RespConnection, name: str) -> bytes:
         self._sha[name] = sha = conn.call(b"SCRIPT", b"LOAD", self._scripts[name])
+        self._by_sha[sha] = name
         return sha
 
     def ping(self) -> None:
         """PING and (re)load the scripts: the probe before using the store (again)."""
-        def probe(conn: _RespConnection) -> None:
+        def probe(conn: RespConnection) -> None:
             conn.call(b"PING")
             for name in self._scripts:
                 self._load(conn, name)
@@ -1175,6 +1212,34 @@ class RedisStore:
             counts = pipe.execute()
         return [(ip.decode(), int(until), n) for (ip, until), n in zip(entries, counts, strict=True)]
 
+    def publish(self, channel: str, message: str) -> None:
+        self._client.publish(channel, message)
+
+    # The subscription must fail loudly, never reconnect and resubscribe by itself: messages sent while
+    # it was away would be lost unseen. The client name lets operators (and tests) find it.
+    PUBSUB_OPTIONS: ClassVar[dict[str, Any]] = dict(socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                                                    health_check_interval=1, retry=Retry(NoBackoff(), 0))
+
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        return redis.Redis.from_url(self._url, client_name=name, **self.PUBSUB_OPTIONS)
+
+    def subscriber(self, channel: str) -> Callable[[], Any]:
+        """A function that subscribes to ``channel`` and returns the PubSub once Redis confirmed it."""
+        def subscribe() -> Any:
+            pubsub = self._pubsub_client(f"refusal-cache:{channel}").pubsub()
+            try:
+                pubsub.subscribe(channel)
+                for _ in range(3):
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "subscribe":
+                        return pubsub
+                raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel}")
+            except BaseException:
+                pubsub.close()
+                raise
+
+        return subscribe
+
     def reset(self) -> None:
         batch = []
         for key in self._client.scan_iter(match=self.keys.prefix + ":*", count=500):
@@ -1188,7 +1253,322 @@ class RedisStore:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
-        self._client.close()
+        if self._redis is not None:
+            self._redis.close()
+
+
+class SentinelStore(RedisStore):
+    """One Redis found through Sentinel: the master is asked of the sentinels, and asked again
+    when a connection to it fails or it answers READONLY (it was demoted by a failover)."""
+
+    def __init__(self, url: str, keys: Keys, strategy: Strategy, policy: Policy, spec: StoreSpec) -> None:
+        super().__init__(url, keys, strategy, policy, spec)
+        self.resolver = SentinelResolver(spec)
+        self._master: Addr | None = None
+
+    def _current(self) -> Addr:
+        addr = self.resolver.master()
+        if addr != self._master:  # a new master: connections to the old one must not be reused
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                conn.close()
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = None
+            self._params = {**self.spec.params, "host": addr[0], "port": addr[1]}
+            self._master = addr
+        return addr
+
+    def _make_client(self) -> Any:
+        self._current()
+        return redis.Redis(**{k: v for k, v in self._params.items() if k in ("host", "port", "db", "username",
+                                                                              "password")},
+                           socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                           retry=Retry(NoBackoff(), 0))
+
+    def _conn(self) -> RespConnection:
+        self._current()
+        return super()._conn()
+
+    @property
+    def _client(self) -> Any:
+        self._current()
+        if self._redis is None:
+            self._redis = self._make_client()
+        return self._redis
+
+    def _lost(self) -> None:
+        self.resolver.forget()
+
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any], size: int = -1) -> Any:
+        try:
+            return super()._eval(name, keys, args, size)
+        except (ConnectFailed, redis.exceptions.ReadOnlyError):  # nothing was executed: safe to try the new master
+            self._lost()
+            return super()._eval(name, keys, args, size)
+        except redis.ConnectionError:  # the script may have run: not retried (it would count twice)
+            self._lost()
+            raise
+
+    def _run(self, fn: Callable[[RespConnection], Any]) -> Any:
+        try:
+            return super()._run(fn)
+        except (redis.ConnectionError, redis.exceptions.ReadOnlyError):
+            self._lost()
+            raise
+
+    def ping(self) -> None:
+        """Ask the sentinels again, then probe the master they name."""
+        self._lost()
+        super().ping()
+
+    def _cold(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.exceptions.ReadOnlyError):
+            self._lost()
+            raise
+
+    def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
+        self._cold(lambda: RedisStore.set_meta(self, key, now, tier, blocked))
+
+    def delete_meta(self, key: str, now: int) -> None:
+        self._cold(lambda: RedisStore.delete_meta(self, key, now))
+
+    def set_flag(self, key: str, now: int, ttl_us: int) -> None:
+        self._cold(lambda: RedisStore.set_flag(self, key, now, ttl_us))
+
+    def has_flag(self, key: str, now: int) -> bool:
+        return self._cold(lambda: RedisStore.has_flag(self, key, now))
+
+    def bans(self, now: int) -> list[tuple[str, int, int]]:
+        return self._cold(lambda: RedisStore.bans(self, now))
+
+    def reset(self) -> None:
+        self._cold(lambda: RedisStore.reset(self))
+
+    def publish(self, channel: str, message: str) -> None:
+        self._cold(lambda: RedisStore.publish(self, channel, message))
+
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        host, port = self.resolver.master()
+        return redis.Redis(host=host, port=port, client_name=name, **self.PUBSUB_OPTIONS,
+                           **{k: v for k, v in self.spec.params.items() if k in ("db", "username", "password")})
+
+
+class ClusterStore(RedisStore):
+    """Redis Cluster: every script runs on the master of its keys' slot (one subject per script).
+
+    The hot path keeps its own slot map (``CLUSTER SLOTS``), fixes it on MOVED, follows ASK with
+    ASKING, and retries TRYAGAIN; commands bound for several nodes are written to all of them
+    before any reply is read, so a decision spanning two slots costs one round trip of wall time.
+    Cold paths go through redis-py's RedisCluster.
+    """
+
+    REDIRECTS = 5
+
+    def __init__(self, url: str, keys: Keys, strategy: Strategy, policy: Policy, spec: StoreSpec) -> None:
+        super().__init__(url, keys, strategy, policy, spec)
+        self.slots = SlotMap(spec)
+        self._pools: dict[Addr, list[RespConnection]] = {}
+
+    def _make_client(self) -> Any:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        auth = {k: v for k, v in self.spec.params.items() if k in ("username", "password")}
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.spec.nodes], **auth,
+                            socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT,
+                            retry=Retry(NoBackoff(), 1))
+
+    def _node_conn(self, addr: Addr) -> RespConnection:
+        if self._pid != os.getpid():
+            self._pools, self._pid = {}, os.getpid()
+        try:
+            return self._pools[addr].pop()
+        except (KeyError, IndexError):
+            return RespConnection({**self.spec.params, "host": addr[0], "port": addr[1]})
+
+    def _release(self, addr: Addr, conn: RespConnection) -> None:
+        self._pools.setdefault(addr, []).append(conn)
+
+    def batch(self, commands: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Run each (routing key, command) on the master of the key's slot; replies in order.
+
+        Every node's commands are written (pipelined) before any reply is read. Error replies come
+        back as exceptions in the list; redirections and NOSCRIPT are handled here.
+        """
+        replies: list[Any] = [None] * len(commands)
+        # item: (index, slot, command, ASK target or None)
+        todo: list[tuple[int, int, tuple, Addr | None]] = [(i, key_slot(key), cmd, None)
+                                                            for i, (key, cmd) in enumerate(commands)]
+        for attempt in range(self.REDIRECTS):
+            groups: dict[Addr, list] = {}
+            for item in todo:
+                groups.setdefault(item[3] or self.slots.node(item[1]), []).append(item)
+            todo = []
+            open_: list[tuple[Addr, RespConnection, list]] = []
+            try:
+                for addr, items in groups.items():
+                    conn = self._node_conn(addr)
+                    open_.append((addr, conn, items))
+                    conn.send(b"".join((encode(b"ASKING") if ask else b"") + encode(*cmd)
+                                       for _, _, cmd, ask in items))
+                while open_:
+                    addr, conn, items = open_[0]
+                    missing: list[bytes] = []
+                    for i, slot, cmd, ask in items:
+                        if ask:
+                            conn.reply()
+                        reply = conn.reply()
+                        if isinstance(reply, redis.exceptions.MovedError):
+                            self.slots.moved(slot, (reply.host, reply.port))
+                            todo.append((i, slot, cmd, None))
+                        elif isinstance(reply, redis.exceptions.AskError):
+                            todo.append((i, slot, cmd, (reply.host, reply.port)))
+                        elif isinstance(reply, redis.exceptions.NoScriptError):
+                            missing.append(cmd[1])
+                            todo.append((i, slot, cmd, addr if ask else None))
+                        elif isinstance(reply, redis.exceptions.TryAgainError):  # a slot half migrated
+                            todo.append((i, slot, cmd, ask))
+                        else:
+                            replies[i] = reply
+                    for sha in dict.fromkeys(missing):
+                        conn.call(b"SCRIPT", b"LOAD", self._scripts[self._by_sha[sha]])
+                    open_.pop(0)
+                    self._release(addr, conn)
+            except BaseException:
+                for _, conn, _ in open_:  # possibly mid-reply: never reused
+                    conn.close()
+                self.slots.stale = True
+                raise
+            if not todo:
+                return replies
+            if attempt:
+                time.sleep(0.005 * attempt)  # TRYAGAIN / a migration under way: let it finish
+        raise redis.exceptions.ClusterError("too many cluster redirections")
+
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any], size: int = -1) -> Any:
+        reply = self.batch([(keys[0], (b"EVALSHA", self._sha[name], len(keys), *keys, *args))])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        if size >= 0 and (type(reply) is not list or len(reply) != size):
+            raise redis.ResponseError(f"unexpected reply to the {name} script: {reply!r:.80}")
+        return reply
+
+    def _on_masters(self, *command: Any) -> list[Any]:
+        """``command`` on every master (its reply per master)."""
+        masters = self.slots.masters
+        out = []
+        for addr in masters:
+            conn = self._node_conn(addr)
+            try:
+                out.append(conn.call(*command))
+            except BaseException:
+                conn.close()
+                self.slots.stale = True
+                raise
+            self._release(addr, conn)
+        return out
+
+    def ping(self) -> None:
+        """Reload the slot map (every slot must be served), then PING and load the scripts on every master."""
+        self.slots.refresh()
+        if None in self.slots.slots:
+            raise redis.exceptions.ClusterDownError("CLUSTERDOWN not every slot is served")
+        self._on_masters(b"PING")
+        for name in self._scripts:
+            self._on_masters(b"SCRIPT", b"LOAD", self._scripts[name])
+
+    def alive(self) -> None:
+        if self.slots.stale:
+            self.slots.refresh()
+        if any(reply != b"PONG" for reply in self._on_masters(b"PING")):
+            raise redis.ResponseError("unexpected reply to PING")
+
+    def check(self, keys: list[str], now: int, ip: str, has_subject: int) -> list:
+        """The IP's script, the subject's script and the flag reads at once; then the combined answer,
+        the same as the one-Redis script's. A subject hit counted for a request that the IP's slot or a
+        flag refuses is taken back (the one-Redis script would not have counted it), and so is an IP hit
+        counted for a request whose subject's meta is missing."""
+        nonce = _nonce()
+        commands: list[tuple[str, tuple]] = []
+        if ip:
+            commands.append((keys[0], (b"EVALSHA", self._sha["check_ip"], 3, *keys[:3], now, nonce, ip)))
+        if has_subject:
+            commands.append((keys[4], (b"EVALSHA", self._sha["check_subject"], 2, keys[4], keys[5], now, nonce,
+                                       has_subject)))
+        commands.extend((flag, (b"GET", flag)) for flag in keys[6:])
+        replies = self.batch(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        ip_code, until, bans = replies.pop(0) if ip else (0, 0, 0)
+        subject = replies.pop(0) if has_subject else None
+        flags = [1 if int(v or 0) > now else 0 for v in replies]
+        after: list[tuple[str, tuple]] = []  # compensations, and the ban index of a ban just started
+        if ip_code == 3:
+            after.append((self.keys.ban_index, (b"EVALSHA", self._sha["index"], 1, self.keys.ban_index, now, ip,
+                                                until)))
+        out = [ip_code, until, bans, 0, "", 0, 0, 0, 0, 0, 0]
+        if subject is not None:
+            meta_code, tier, blocked, allowed, a, b, c, limit = subject
+            recorded = has_subject == 1 and meta_code == 2 and allowed == 1
+            if ip_code >= 2:
+                pass  # the IP is refused: nothing about the subject is reported, as on one Redis
+            elif meta_code == 1:
+                out[3] = 1
+                if ip_code == 1:
+                    after.append((keys[2], (b"ZREM", keys[2], nonce + ":1")))
+            elif meta_code == 3 or 1 in flags:
+                out[3:] = [3, tier.decode(), blocked, 0, 0, 0, 0, limit]
+            else:
+                out[3:] = [2, tier.decode(), 0, allowed, a, b, c, limit]
+            if recorded and (ip_code >= 2 or 1 in flags):
+                after.append((keys[5], (b"EVALSHA", self._sha["undo"], 1, keys[5], now, nonce, limit)))
+        if after:
+            for reply in self.batch(after):
+                if isinstance(reply, Exception):
+                    raise reply
+        out.extend(flags)
+        return out
+
+    def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"tier": tier, "blocked": int(blocked)}).pexpire(key, META_TTL_US // 1000)
+            pipe.execute()
+
+    def ban(self, ip: str, now: int, length: int, nonce: str) -> tuple[int, int]:
+        n, until = self._eval("ban", (self.keys.ip(ip, "ban"), self.keys.ip(ip, "bans")), (now, ip, length, nonce), 2)
+        self._eval("index", (self.keys.ban_index,), (now, ip, until))
+        return n, until
+
+    def unban(self, ip: str, now: int, replay: bool = False) -> bool:
+        keys = (self.keys.ip(ip, "ban"), self.keys.ip(ip, "sw"), self.keys.ip(ip, "bans"))
+        active = self._eval("unban_ip", keys, (now, ip, "1" if replay else "0"))
+        if active == -1:
+            return False
+        self._client.zrem(self.keys.ban_index, ip)
+        return bool(active)
+
+    def _pubsub_client(self, name: str) -> redis.Redis:
+        if self.slots.stale:
+            self.slots.refresh()
+        host, port = self.slots.masters[os.getpid() % len(self.slots.masters)]  # spread the subscribers
+        return redis.Redis(host=host, port=port, client_name=name, **self.PUBSUB_OPTIONS,
+                           **{k: v for k, v in self.spec.params.items() if k in ("username", "password")})
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            while pool:
+                pool.pop().close()
+        super().close()
+
+
+def make_redis_store(url: str, keys: Keys, strategy: Strategy, policy: Policy) -> RedisStore:
+    """The store for a Redis URL: one Redis, one found through Sentinel, or a Redis Cluster."""
+    spec = parse_store_url(url)
+    kind = {"plain": RedisStore, "sentinel": SentinelStore, "cluster": ClusterStore}[spec.kind]
+    return kind(url, keys, strategy, policy, spec)
 
 
 # --------------------------------------------------------------------------- the limiter
@@ -1214,7 +1594,8 @@ class RateLimiter:
     def __init__(self, storage_url: str = "memory://", strategy: str = "sliding_window", *,
                  tier_limits: dict[str, int], window: int = 60, ip_limit: int = 100, ip_window: int = 60,
                  ban_seconds: int = 300, ban_multiplier: float = 2.0, fail_mode: str = "memory",
-                 key_prefix: str = "rl", clock: Callable[[], float] = time.time, rules: Any = None) -> None:
+                 key_prefix: str = "rl", clock: Callable[[], float] = time.time, refusal_cache: bool = True,
+                 rules: Any = None) -> None:
         if not storage_url.startswith(STORAGE_SCHEMES):
             raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}")
         if fail_mode not in FAIL_MODES:
@@ -1242,10 +1623,14 @@ class RateLimiter:
         self._pending: dict[str, tuple[str, tuple]] = {}  # writes made while down, replayed on recovery
         self._state_lock = threading.Lock()  # guards _down, the probe times and _pending
         self._health_at = -2 * HEALTH_PROBE_US  # clock time of health()'s last PING of an up store
+        self._refusals: RefusalCache | None = None  # refusals answered from memory (shared stores only)
+        self._channel = f"{key_prefix}:refusals"
         if storage_url.startswith("memory://"):
             return
-        self._store = RedisStore(storage_url, self.keys, self.strategy, self.policy)
+        self._store = make_redis_store(storage_url, self.keys, self.strategy, self.policy)
         self._store.configure_policy(self._policy_script())
+        if refusal_cache:
+            self._refusals = RefusalCache(self._store.subscriber(self._channel))
         try:
             self._store.ping()
         except STORE_ERRORS as exc:
@@ -1257,7 +1642,13 @@ class RateLimiter:
         return cls(config.storage_url, config.strategy, tier_limits=config.tier_limits, window=config.window_seconds,
                    ip_limit=config.ip_rate_limit, ip_window=config.ip_window, ban_seconds=config.temp_ban_seconds,
                    ban_multiplier=config.ban_multiplier, fail_mode=config.fail_mode, key_prefix=config.key_prefix,
-                   clock=clock, rules=rules)
+                   clock=clock, rules=rules, refusal_cache=config.refusal_cache)
+
+    @property
+    def supports_policy(self) -> bool:
+        """False on Redis Cluster: the multi-limit script reads the IP's and the subject's keys in one
+        call, which a cluster cannot run across slots (a policy file is refused there at start-up)."""
+        return not isinstance(self._store, ClusterStore)
 
     @property
     def store_kind(self) -> str:
@@ -1269,6 +1660,8 @@ class RateLimiter:
 
     # ---- fail modes
     def _mark_down(self, exc: Exception, now: int) -> None:
+        if self._refusals is not None:
+            self._refusals.clear()
         with self._state_lock:
             if not self._down:
                 log.warning("rate-limit store unreachable (%s); fail_mode=%s until it answers again", exc,
@@ -1300,6 +1693,8 @@ class RateLimiter:
                 self._next_probe = now + self._probe_delay
             return False
         log.warning("rate-limit store reachable again; shared limits restored")
+        if self._refusals is not None:  # writes made during the outage published nothing: drop every refusal
+            self._invalidate(EVERYTHING)
         return True
 
     def _replay(self, batch: dict[str, tuple[str, tuple]]) -> None:
@@ -1415,12 +1810,69 @@ class RateLimiter:
         # 0: no subject, 1: count the request, 2: peek. Passed through to both stores as is.
         has_subject = 0 if subject is None else 1 if consume else 2
         if not self._down:  # fast path, as in _limit
+            cache, generation = self._refusals, None
+            if cache is not None and not flags:  # flags are answered by the store only
+                cached = self._cached_refusal(cache, ip, subject, now)
+                if cached is not None:
+                    return cached
+                generation = cache.ready()
             try:
-                return self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
+                decision = self._decision(self._store.check(keys, now, ip or "", has_subject), now, ip, flags, False)
             except STORE_ERRORS as exc:
                 self._mark_down(exc, now)
+            else:
+                if generation is not None:
+                    self._remember(cache, decision, ip, subject, now, generation)  # type: ignore[arg-type]
+                return decision
         raw, degraded = self._exec("check", keys, now, ip or "", has_subject)
         return self._decision(raw, now, ip, flags, degraded and self.fail_mode == "open")
+
+    # ---- the refusal cache: "i:<ip>" banned until; "s:<subject>" refused until (tier, limit, reset)
+    @staticmethod
+    def _cached_refusal(cache: RefusalCache, ip: str | None, subject: str | None, now: int) -> RequestDecision | None:
+        if ip is not None:
+            ban = cache.get("i:" + ip, now)
+            if ban is not None:
+                until, bans = ban
+                return RequestDecision(IpDecision(False, True, (until - now) / US, bans, False), None, None, False,
+                                       False, {})
+        if subject is not None:
+            refusal = cache.get("s:" + subject, now)
+            if refusal is not None:
+                until, tier, limit, reset = refusal
+                result = _new_tuple(LimitResult, (False, limit, 0, reset, (until - now) / US))
+                # ban_count is only reported with a ban that starts: 0 here, as for any admitted IP
+                ip_decision = None if ip is None else IpDecision(True, False, 0.0, 0, False)
+                return RequestDecision(ip_decision, result, tier, False, False, {})
+        return None
+
+    @staticmethod
+    def _remember(cache: RefusalCache, decision: RequestDecision, ip: str | None, subject: str | None, now: int,
+                  generation: int) -> None:
+        ip_decision, result = decision.ip, decision.result
+        if ip_decision is not None and ip_decision.banned and ip_decision.retry_after > 0:
+            until = now + round(ip_decision.retry_after * US)
+            cache.put("i:" + ip, until, (until, ip_decision.ban_count), generation)  # type: ignore[operator]
+        elif result is not None and not result.allowed and result.retry_after > 0 and not decision.blocked:
+            until = now + round(result.retry_after * US)
+            cache.put("s:" + subject, until, (until, decision.tier, result.limit, result.reset),  # type: ignore[operator]
+                      generation)
+
+    def _invalidate(self, name: str) -> None:
+        """Drop ``name``'s cached refusal here and, through the store's channel, in every process."""
+        cache = self._refusals
+        if cache is None:
+            return
+        cache.drop(name)
+        try:
+            self._exec("publish", self._channel, name)
+        except StoreUnavailable:
+            pass  # the others' subscriptions break too; recovery then invalidates everything
+
+    def invalidate_refusals(self, subject: str | None = None) -> None:
+        """Forget cached refusals of ``subject`` (all when None) in every process, e.g. after an
+        override raised its limit. set_meta, delete_meta, unban_ip and reset call this themselves."""
+        self._invalidate(EVERYTHING if subject is None else "s:" + subject)
 
     def _decision(self, raw: list, now: int, ip: str | None, flags: Sequence[str], opened: bool) -> RequestDecision:
         if raw[3] == 4 and not opened:  # the subject has an override or credits: nothing was counted
@@ -1610,6 +2062,7 @@ class RateLimiter:
         encoded = encode_override(self.rule_limits(override)) if override else ""
         expiry = 0 if expires_at is None else round(expires_at * US)
         self._exec("set_policy_meta", self.keys.subject(subject, "meta"), self._now(), encoded, expiry, credits)
+        self._invalidate("s:" + subject)  # a raised override admits at once in every process
 
     def set_credits(self, subject: str, credits: int, *, refill: int | None = None, every: str | None = None) -> None:
         """Set the subject's credit balance, and its refill (``every`` "day" or "month", UTC)."""
@@ -1617,6 +2070,7 @@ class RateLimiter:
         day, month = _periods(now)
         self._exec("set_credits", self.keys.subject(subject, "cr"), now, credits, refill, every,
                    month if every == "month" else day)
+        self._invalidate("s:" + subject)
 
     def credits_remaining(self, subject: str) -> int | None:
         """The subject's credits as the next decision would see them (refill included); None: no credits."""
@@ -1627,10 +2081,12 @@ class RateLimiter:
     def set_meta(self, subject: str, *, tier: str, blocked: bool) -> None:
         """Store the subject's tier and blocked flag where check_request reads them (TTL one day)."""
         self._exec("set_meta", self.keys.subject(subject, "meta"), self._now(), tier, blocked)
+        self._invalidate("s:" + subject)
 
     def delete_meta(self, subject: str) -> None:
         """Forget the subject's meta (e.g. key deleted); the next check reports meta_missing."""
         self._exec("delete_meta", self.keys.subject(subject, "meta"), self._now())
+        self._invalidate("s:" + subject)
 
     def set_flag(self, name: str, ttl: int) -> None:
         """Set a flag (e.g. ``revoked:<jti>``) for ``ttl`` seconds, seen by every worker."""
@@ -1645,7 +2101,9 @@ class RateLimiter:
 
     def unban_ip(self, ip: str) -> bool:
         """Lift a ban and forget the IP's recent requests; True if a ban was active."""
-        return bool(self._exec("unban", ip, self._now())[0])
+        lifted = bool(self._exec("unban", ip, self._now())[0])
+        self._invalidate("i:" + ip)
+        return lifted
 
     def list_bans(self) -> list[dict]:
         """Active bans from the ban index: [{"ip", "expires_epoch", "ban_count"}]."""
@@ -1660,9 +2118,12 @@ class RateLimiter:
                 self._store.reset()
             except STORE_ERRORS as exc:
                 log.warning("reset could not reach Redis: %s", exc)
+        self._invalidate(EVERYTHING)
 
     def close(self) -> None:
         """Close connections; the limiter must not be used afterwards."""
+        if self._refusals is not None:
+            self._refusals.close()
         try:
             self._store.close()
         except STORE_ERRORS:

@@ -89,6 +89,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "No route matches the URL"),
     "method_not_allowed": (405, "The route exists but not with this method; `Allow` lists the methods"),
     "username_taken": (409, "The username is already registered"),
+    "unsupported_by_store": (409, "Overrides and credits are not available on a Redis Cluster store"),
     "too_many_keys": (409, "The account already holds the maximum number of active API keys"),
     "payload_too_large": (413, "The body is larger than MAX_CONTENT_LENGTH (64 KiB by default)"),
     "unsupported_media_type": (415, "The body is not sent as Content-Type: application/json"),
@@ -501,7 +502,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "ok": (200, "Overrides")},
         "post": {"tag": "admin", "summary": "Replace the tier limits of a key, or of a user and all their keys",
                  "auth": "admin", "body": "Override", "ok": (201, "OverrideResult"),
-                 "errors": {404: ["key_not_found", "user_not_found"]}},
+                 "errors": {404: ["key_not_found", "user_not_found"], 409: ["unsupported_by_store"]}},
     },
     "/admin/overrides/{override_id}": {"delete": {
         "tag": "admin", "summary": "Delete a limit override (the tier limits apply again)", "auth": "admin",
@@ -512,7 +513,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/admin/keys/{key_id}/credits": {"post": {
         "tag": "admin", "summary": "Set a key's credits and their refill", "auth": "admin", "body": "Credits",
         "params": [{"name": "key_id", "in": "path", "required": True, "schema": integer(minimum=0, maximum=MAX_ID)}],
-        "ok": (200, "KeyCredits"), "errors": {404: ["key_not_found", "not_found"]},
+        "ok": (200, "KeyCredits"), "errors": {404: ["key_not_found", "not_found"], 409: ["unsupported_by_store"]},
     }},
     "/admin/bans": {"get": {"tag": "admin", "summary": "Active IP bans", "auth": "admin", "ok": (200, "Bans")}},
     "/admin/ban_ip": {"post": {"tag": "admin", "summary": "Ban an IP address", "auth": "admin", "body": "BanIp",

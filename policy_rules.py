@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flask import g
 
 import database as db
-from errors import bad_request
+from errors import ApiError, bad_request
 from limiter import PolicyDecision
 from policy import MAX_COST, Limit, override_limits
 
@@ -131,6 +131,14 @@ def override_json(row: Any, now: float) -> dict[str, Any]:
     return {"id": row.id, "key_id": row.key_id, "user_id": row.user_id, "limits": json.loads(row.limits),
             "reason": row.reason, "created_at": db.iso(row.created_at), "created_by": row.created_by,
             "expires_at": db.iso(row.expires_at), "active": expires is None or expires > now}
+
+
+def require_policy_store(limiter: Any) -> None:
+    """Overrides and credits need the policy script, which a Redis Cluster store does not run yet:
+    refuse them there (409) rather than accept a setting that no decision would apply."""
+    if not limiter.supports_policy:
+        raise ApiError(409, "unsupported_by_store",
+                       "Overrides and credits need one Redis, Sentinel or the memory store, not Redis Cluster")
 
 
 def parse_override_limits(body: dict[str, Any]) -> list[str]:

@@ -309,8 +309,16 @@ def redis_problem(redis_url: str) -> str | None:
         import redis
     except ImportError:
         return None  # reported by the import check
+    from redis_wire import SentinelResolver, SlotMap, parse_store_url
+
     try:
-        redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        spec = parse_store_url(redis_url)
+        if spec.kind == "sentinel":
+            SentinelResolver(spec).master()  # a master the sentinels name, and that says it is one
+        elif spec.kind == "cluster":
+            SlotMap(spec).refresh()
+        else:
+            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
     except (redis.RedisError, ValueError) as exc:
         return f"Redis at {redis_url} is not reachable ({exc}): start it or fix --redis / REDIS_URL"
     return None

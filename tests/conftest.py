@@ -23,6 +23,8 @@ if str(ROOT) not in sys.path:
 from config import Config  # noqa: E402
 from tests.services import REDIS_URL, fresh_postgres_database, require_redis  # noqa: E402
 
+pytest_plugins = ["tests.redis_servers"]  # session fixtures: a private Redis Cluster and Sentinel set
+
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
 # The test SMTP servers (aiosmtpd) narrate every connection at INFO; the app's JSON log handler on

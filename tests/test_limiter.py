@@ -33,7 +33,7 @@ from limiter import (  # noqa: E402
     RateLimiter,
     StoreUnavailable,
 )
-from tests.services import REDIS_URL, free_port, require_redis  # noqa: E402
+from tests.services import REDIS_URL, free_port, require_redis, wait_until  # noqa: E402
 
 T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
@@ -54,11 +54,14 @@ class Clock:
         self.now += seconds
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def store_url(request) -> str:
+    """Every behaviour on each store: memory, one Redis, a Redis Cluster, Redis behind Sentinel."""
     if request.param == "redis":
         require_redis()
         return REDIS_URL
+    if request.param in ("cluster", "sentinel"):
+        return request.getfixturevalue(f"redis_{request.param}").url
     return "memory://"
 
 
@@ -78,12 +81,22 @@ def make(store_url, clock):
         kwargs.setdefault("key_prefix", f"t{uuid.uuid4().hex[:10]}")
         limiter = RateLimiter(kwargs.pop("storage_url", store_url), **kwargs)
         made.append(limiter)
+        cache_live(limiter)
         return limiter
 
     yield factory
     for limiter in made:
         limiter.reset()
         limiter.close()
+
+
+def cache_live(limiter: RateLimiter) -> None:
+    """Wait until the limiter's refusal cache is subscribed, so refusals from here on are answered
+    from it: every behaviour below then also runs with the cache in the path."""
+    cache = limiter._refusals
+    if cache is not None and limiter.health() == "ok":
+        cache.ready()
+        wait_until(lambda: cache.live)
 
 
 def redis_keys(prefix: str) -> list[bytes]:
