@@ -51,7 +51,7 @@ class ForwardedPathConverter(PathConverter):
     """``<forwarded_path:original>``: the rest of the URL, possibly empty. Envoy's ext_authz calls
     ``path_prefix`` + the original path, so a request for ``/`` arrives as ``/forward_auth/``."""
 
-    regex = ".*"
+    regex = r"[\s\S]*"  # any character, newlines included (".*" stops at one: a 404)
     part_isolating = False
 
 

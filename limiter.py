@@ -1143,8 +1143,11 @@ class RedisStore:
 
     # ---- policy decisions: see LUA_POLICY_CHECK
     def configure_policy(self, script: str) -> None:
-        self._scripts["policy"] = LUA_LIBRARY + script
-        self._scripts["policy_meta"] = LUA_POLICY_META
+        self._scripts["policy"] = (LUA_LIBRARY + script).encode()
+        self._scripts["policy_meta"] = LUA_POLICY_META.encode()
+        for name in ("policy", "policy_meta"):  # known by SHA from the start, as the others (NOSCRIPT loads them)
+            sha = hashlib.sha1(self._scripts[name]).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
+            self._sha[name], self._by_sha[sha] = sha, name
 
     def check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
                      routes: Sequence[RuleLimit]) -> list:

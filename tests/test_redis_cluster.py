@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import redis_wire  # noqa: E402
+from config import Config, ConfigError  # noqa: E402
 from limiter import Keys, RateLimiter  # noqa: E402
 from redis_wire import key_slot, parse_store_url  # noqa: E402
 from tests.conftest import ADMIN_TOKEN, PASSWORD  # noqa: E402
@@ -291,3 +292,23 @@ def test_master_killed_under_load_no_500_and_decisions_resume(request, live_serv
         if killed is not None:
             servers.restart(killed)
             servers.wait_ok(60)
+
+
+def test_a_policy_file_is_refused_at_start_on_a_cluster():
+    """The multi-limit script reads the IP's and the subject's keys in one call: no cluster yet."""
+    env = {"REDIS_URL": "redis+cluster://127.0.0.1:7000", "RATELIMIT_POLICY": "policy.example.toml"}
+    with pytest.raises(ConfigError, match="RATELIMIT_POLICY is not supported with a redis\\+cluster"):
+        Config.from_env(env).validate()
+
+
+def test_overrides_and_credits_answer_409_on_a_cluster_store(make_app, redis_cluster):
+    client = make_app(storage_url=redis_cluster.url, redis_url=redis_cluster.url).test_client()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    user = client.post("/auth/register", json={"username": "cl_owner", "password": PASSWORD}).get_json()
+    key = client.post("/auth/create_api_key", json={},
+                      headers={"Authorization": f"Bearer {user['access_token']}"}).get_json()
+    override = client.post("/admin/overrides", json={"key_id": key["id"], "limits": ["50/minute"]}, headers=admin)
+    credits = client.post(f"/admin/keys/{key['id']}/credits", json={"credits": 10}, headers=admin)
+    for reply in (override, credits):
+        assert reply.status_code == 409 and reply.get_json()["error"] == "unsupported_by_store"
+    assert client.get("/data", headers={"X-API-Key": key["api_key"]}).status_code == 200
