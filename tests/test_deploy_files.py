@@ -328,10 +328,3 @@ def closed(sock: socket.socket) -> bool:
 
 
 # ---------------------------------------------------------------- documented claims
-
-
-def test_readme_names_sentinel_only_once_the_code_supports_it() -> None:
-    """The README once promised Sentinel while no module could talk to one."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8").lower()
-    code = " ".join(path.read_text(encoding="utf-8").lower() for path in ROOT.glob("*.py"))
-    assert "sentinel" not in readme or "redis.sentinel" in code

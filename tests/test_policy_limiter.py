@@ -249,3 +249,23 @@ def test_a_one_limit_policy_takes_the_single_limit_path():
     limiter = make_limiter("memory://", "sliding_window", Clock(), SIMPLE)
     assert limiter._simple and limiter.tier_limits["free"] == 3
     assert not make_limiter("memory://", "sliding_window", Clock(), RULES)._simple
+
+
+def test_a_fixed_window_count_made_just_before_the_bucket_ends_outlives_it_in_redis():
+    """Redis expires keys in its own time: a count made 1 ms before the bucket's end once had a 1 ms
+    TTL, so the next request of the same bucket (by the app's clock) found nothing (Hypothesis found
+    it as a flaky admit). The key now lives a second past the bucket; the stored bucket ends it."""
+    client = require_redis()
+    clock = Clock()
+    limiter = make_limiter(REDIS_URL, "fixed_window", clock, SIMPLE)
+    try:
+        limiter.set_meta("k:1", tier="free", blocked=False)
+        clock.now += 9.999  # 1 ms before the 10 s bucket ends
+        assert limiter.check_policy(None, "k:1", cost=1).allowed
+        names = [name for name in client.scan_iter(match=f"{limiter.keys.prefix}:*")
+                 if client.type(name) == b"hash" and client.hexists(name, "b")]
+        assert names and min(client.pttl(name) for name in names) > 900
+        assert not limiter.check_policy(None, "k:1", cost=3).allowed  # 1 + 3 > 3 in the same bucket
+    finally:
+        limiter.reset()
+        limiter.close()
