@@ -1,16 +1,22 @@
-"""Gateway benchmark: the /forward_auth decision vs GET /data, and nginx with the shipped config
-(gateways/nginx.conf.template) vs the same fast backend reached directly.
+"""Gateway benchmark: the /forward_auth decision vs GET /data; the balancer plain vs in gateway mode vs
+nginx with the shipped config (gateways/nginx.conf.template), all in front of one fast backend.
 
 One run starts the API under gunicorn (Redis store, keys far under their limits), the fast
-backend of bench/lb_bench.py, and nginx in a temporary prefix, all on free loopback ports; wrk
-drives each target in interleaved rounds and the medians are printed:
+backend of bench/lb_bench.py, nginx in a temporary prefix and two balancers (plain, and
+``--forward-auth`` to the API), all on free loopback ports; wrk drives each target in
+interleaved rounds and the medians are printed:
 
 - ``data``: GET /data with X-API-Key, the API's own limited route;
 - ``forward_auth``: the decision call a gateway makes (X-Forwarded-Method/-Uri plus the key);
 - ``direct``: the fast backend alone;
-- ``nginx_gateway``: nginx deciding each request with /forward_auth, then proxying to that backend.
+- ``nginx_gateway``: nginx deciding each request with /forward_auth, then proxying to that backend;
+- ``lb_plain``: load_balancer.py proxying to that backend;
+- ``lb_gateway``: load_balancer.py --forward-auth (one decision call per request, keep-alive), then proxying.
 
-    python bench/gateway_bench.py [--workers 2] [--connections 32] [--seconds 8] [--rounds 3]
+The added latency of the balancer's decision is lb_gateway's p50 minus lb_plain's (issue 13's target:
+at most 1 ms at moderate load, e.g. --connections 8).
+
+    python bench/gateway_bench.py [--workers 2] [--connections 32] [--seconds 8] [--rounds 3] [--targets ...]
 
 Needs wrk, nginx (with auth_request, e.g. nginx-light) and Redis at REDIS_URL.
 """
@@ -72,6 +78,16 @@ def start_backend(port: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def start_lb(tmp: Path, port: int, backend: str, forward_auth: str | None) -> subprocess.Popen:
+    """load_balancer.py in front of ``backend``; in gateway mode when ``forward_auth`` is a decision URL."""
+    cmd = [sys.executable, str(ROOT / "load_balancer.py"), "--port", str(port), "--backends", backend]
+    if forward_auth:
+        cmd += ["--forward-auth", forward_auth]
+    env = {**os.environ, "LB_LOG_LEVEL": "WARNING"}
+    with open(tmp / f"lb-{port}.log", "ab") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+
+
 def wait_port(url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -85,6 +101,9 @@ def wait_port(url: str, proc: subprocess.Popen, headers: dict[str, str] | None =
     raise SystemExit(f"{url} did not answer")
 
 
+TARGETS = ("data", "forward_auth", "direct", "nginx_gateway", "lb_plain", "lb_gateway")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers of the API [2]")
@@ -93,8 +112,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=20)
-    parser.add_argument("--targets", default="data,forward_auth,direct,nginx_gateway",
-                        help="comma list of targets to measure [all four]")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of targets [{','.join(TARGETS)}]")
     args = parser.parse_args()
     for tool in ("wrk",):
         if not shutil.which(tool):
@@ -109,7 +127,7 @@ def main() -> int:
            "TIER_LIMITS": "enterprise=1000000000", "IP_RATE_LIMIT": "1000000000", "BCRYPT_ROUNDS": "4",
            "ENABLE_SOCKETIO": "false", "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "WARNING",
            "REGISTER_PER_IP_PER_HOUR": "100000", "TRUSTED_PROXIES": "1"}
-    api_port, backend_port, nginx_port = free_port(), free_port(), free_port()
+    api_port, backend_port, nginx_port, lb_port, lbg_port = (free_port() for _ in range(5))
     procs = {"api": gunicorn("app:app", api_port, env, args.workers, args.threads),
              "backend": start_backend(backend_port)}
     try:
@@ -123,6 +141,16 @@ def main() -> int:
         admitted = requests.get(f"http://127.0.0.1:{nginx_port}/v1/items", headers={"X-API-Key": keys[0]}, timeout=5)
         if admitted.status_code != 200:
             raise SystemExit(f"nginx gateway refused a valid key: {admitted.status_code} {admitted.text}")
+        procs["lb_plain"] = start_lb(tmp, lb_port, backend, None)
+        procs["lb_gateway"] = start_lb(tmp, lbg_port, backend, f"{api}/forward_auth")
+        for port, name in ((lb_port, "lb_plain"), (lbg_port, "lb_gateway")):
+            wait_port(f"http://127.0.0.1:{port}/lb/health", procs[name])
+        lbg = f"http://127.0.0.1:{lbg_port}"
+        refused = requests.get(f"{lbg}/v1/items", timeout=5)
+        admitted = requests.get(f"{lbg}/v1/items", headers={"X-API-Key": keys[0]}, timeout=5)
+        if refused.status_code != 401 or admitted.status_code != 200:
+            raise SystemExit(f"balancer gateway mode: no key gave {refused.status_code} (want 401), "
+                             f"a valid key {admitted.status_code} (want 200): {admitted.text}")
         # name -> (url, path, forwarded headers?, the processes whose CPU serves it)
         api_pids, backend_pids = [procs["api"].pid], [procs["backend"].pid]
         targets = {
@@ -131,6 +159,8 @@ def main() -> int:
             "direct": (backend, "/v1/items", False, backend_pids),
             "nginx_gateway": (f"http://127.0.0.1:{nginx_port}", "/v1/items", False,
                               [procs["nginx"].pid, *api_pids, *backend_pids]),
+            "lb_plain": (f"http://127.0.0.1:{lb_port}", "/v1/items", False, [procs["lb_plain"].pid, *backend_pids]),
+            "lb_gateway": (lbg, "/v1/items", False, [procs["lb_gateway"].pid, *api_pids, *backend_pids]),
         }
         targets = {name: targets[name] for name in args.targets.split(",")}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -179,6 +209,14 @@ def main() -> int:
         added = summary["nginx_gateway"]["p50"] - summary["direct"]["p50"]
         print(f"nginx gateway adds {added:.2f} ms at p50 over the direct backend "
               f"({summary['nginx_gateway']['rps'] / summary['direct']['rps']:.2f}x its throughput)")
+    if {"lb_plain", "lb_gateway"} <= set(summary):
+        added = summary["lb_gateway"]["p50"] - summary["lb_plain"]["p50"]
+        print(f"balancer gateway mode adds {added:.2f} ms at p50 over the plain balancer at {args.connections} "
+              f"connections (target <= 1 ms): {'met' if added <= 1.0 else 'MISSED'}; "
+              f"{summary['lb_gateway']['rps'] / summary['lb_plain']['rps']:.2f}x its throughput")
+        if "forward_auth" in summary:
+            print(f"  of which the decision alone (forward_auth p50, called directly): "
+                  f"{summary['forward_auth']['p50']:.2f} ms")
     return 0
 
 
