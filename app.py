@@ -58,7 +58,7 @@ from gate import (
 )
 from limiter import LimitResult, StoreUnavailable
 from log_manager import configure_logging
-from wiring import ADMIN_ROOM, Services, build_services, run_flusher
+from wiring import ADMIN_ROOM, Services, build_services
 
 log = logging.getLogger("ratelimiter")
 
@@ -775,10 +775,7 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     app.before_request(before_request)
     app.after_request(after_request)
     init_socketio(app, svc)
-    svc.flusher = threading.Thread(target=run_flusher, args=(svc,), name="usage-flusher", daemon=True)
-    svc.flusher.start()
-    atexit.register(svc.close)
-    return app
+    return app  # starts nothing: the entry points call svc.start() (and svc.close() at the end)
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -800,6 +797,9 @@ def __getattr__(name: str) -> Any:
                 print(f"error: {exc}", file=sys.stderr)
                 # 3 is gunicorn's "worker failed to boot": the arbiter stops instead of respawning.
                 raise SystemExit(3) from None
+            svc: Services = _lazy_app.extensions["rl"]
+            svc.start()
+            atexit.register(svc.close)  # the worker's exit flushes analytics and logs
     return _lazy_app
 
 
@@ -842,7 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     ssl_context = (args.ssl_cert, args.ssl_key) if args.ssl_cert else None
     log.info("serving on %s://%s:%s", "https" if ssl_context else "http", args.host, port)
-    svc = application.extensions["rl"]
+    svc: Services = application.extensions["rl"]
+    svc.start()
     signal.signal(signal.SIGTERM, _interrupt)  # flush analytics and logs on a supervisor's TERM too
     try:
         if svc.socketio is not None:

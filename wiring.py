@@ -83,6 +83,7 @@ class Services:
     flusher: threading.Thread | None = None
     active_keys_cache: tuple[float, int] = (-1e9, 0)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    start_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     refusal_log: RefusalSampler = dataclasses.field(init=False)
     analytics_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     analytics_cache: tuple[float, dt.datetime | None, list[Any]] = (0.0, None, [])
@@ -95,11 +96,28 @@ class Services:
         """The injected clock as a naive UTC datetime, the form usage buckets are stored in."""
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC).replace(tzinfo=None)
 
+    def start(self) -> None:
+        """Start the background threads (writers, e-mail sender, usage flusher); idempotent.
+
+        Called by the entry points (``python app.py``, gunicorn's ``app:app``), not by
+        ``create_app``: building an app starts nothing, so a test can build and drop one."""
+        with self.start_lock:
+            if self.flusher is not None or self.stopping.is_set():
+                return
+            self.log_writer.start()
+            self.alert_writer.start()
+            self.request_logger.start()
+            self.notifier.start()
+            self.flusher = threading.Thread(target=run_flusher, args=(self,), name="usage-flusher", daemon=True)
+            self.flusher.start()
+
     def close(self) -> None:
-        """Flush analytics and logs, stop background threads; safe to call twice."""
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
+        """Flush analytics and logs, stop background threads; safe to call twice, and on an app
+        that was never started."""
+        with self.start_lock:
+            if self.stopping.is_set():
+                return
+            self.stopping.set()
         if self.flusher is not None:
             self.flusher.join(timeout=5)
         self.usage.flush()
@@ -152,16 +170,16 @@ def build_services(config: Config, clock: Callable[[], float]) -> Services:
     rules = load_policy(config.policy_path, config.tier_limits, config.window_seconds) if config.policy_path else None
     engine = db.open_database(config.database_url)
     limiter = RateLimiter.from_config(config, clock=clock, rules=rules)
-    request_logger = RequestLogger.from_config(config)
+    request_logger = RequestLogger.from_config(config, autostart=False)
     svc = Services(
         config=config, engine=engine, limiter=limiter, clock=clock,
         metrics=Metrics(clock=clock), usage=UsageRecorder(engine, clock=clock),
-        keys=KeyDirectory(engine, clock=clock), notifier=Notifier(config, clock=clock),
+        keys=KeyDirectory(engine, clock=clock), notifier=Notifier(config, clock=clock, autostart=False),
         request_logger=request_logger,
         log_writer=BatchWriter(lambda rows: db.add_request_logs(engine, rows), interval=config.flush_interval,
-                               name="request-log-writer", transient=db.is_transient_error),
+                               name="request-log-writer", transient=db.is_transient_error, autostart=False),
         alert_writer=BatchWriter(lambda rows: _write_alerts(engine, rows), interval=config.flush_interval,
-                                 name="alert-writer", transient=db.is_transient_error),
+                                 name="alert-writer", transient=db.is_transient_error, autostart=False),
         rules=rules,
     )
     svc.events = EventBus(svc)
