@@ -14,10 +14,11 @@ from flask import Blueprint, Response, g, jsonify, request
 
 import auth
 import database as db
+import notifier as events
 import policy_rules
 import wiring
 from api_io import int_arg, json_body, key_json, parse_timestamp, str_field, user_json
-from config import TIER_ORDER
+from config import DEFAULT_TIER, TIER_ORDER
 from errors import ApiError, bad_request
 from gate import ip_subject, key_subject, user_subject
 from wiring import Services
@@ -29,7 +30,7 @@ MAX_PER_PAGE = 200
 
 def revoke_in_store(svc: Services, key_id: int, key_hash: str) -> None:
     """Every worker refuses a revoked key on its next request: blocked in the shared meta."""
-    svc.limiter.set_meta(key_subject(key_id, key_hash), tier="free", blocked=True)
+    svc.limiter.set_meta(key_subject(key_id, key_hash), tier=DEFAULT_TIER, blocked=True)
     svc.keys.forget(key_id)
 
 
@@ -116,9 +117,10 @@ def delete_user(user_id: int) -> Response:
         conn.execute(db.users.delete().where(db.users.c.id == user_id))
         audit(conn, "delete_user", f"user:{user.username}", user_id=user_id, api_keys=len(keys))
     # Its JWTs die with it (and, carrying its account stamp, never match a later account).
-    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(user.created_at)), tier="free", blocked=True)
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(user.created_at)), tier=DEFAULT_TIER, blocked=True)
     for key in keys:
         revoke_in_store(svc, key.id, key.key_hash)
+    svc.events.emit(events.USER_DELETED, user.username, user_id=user_id, api_keys=len(keys), actor=g.admin_actor)
     return jsonify(user={**user_json(user), "deleted": True}, api_keys_deleted=len(keys))
 
 
@@ -157,7 +159,7 @@ def upgrade_tier() -> Response:
     svc.limiter.set_meta(user_subject(user.id, auth.account_stamp(user.created_at)), tier=tier, blocked=False)
     for key in keys:
         svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=tier, blocked=bool(key.blocked or key.revoked_at))
-    svc.events.emit("tier_changed", user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
+    svc.events.emit(events.TIER_CHANGED, user.username, old_tier=user.tier, new_tier=tier, actor=g.admin_actor)
     return jsonify(user=user_json(updated))
 
 
@@ -173,8 +175,8 @@ def set_key_blocked(blocked: bool) -> Response:
               owner=key.username, reason=reason)
     svc.limiter.set_meta(key_subject(key.id, key.key_hash), tier=key.tier,
                          blocked=blocked or key.revoked_at is not None)
-    svc.events.emit("key_blocked" if blocked else "key_unblocked", key.prefix, owner=key.username, reason=reason,
-                    actor=g.admin_actor)
+    svc.events.emit(events.KEY_BLOCKED if blocked else events.KEY_UNBLOCKED, key.prefix, owner=key.username,
+                    reason=reason, actor=g.admin_actor)
     return jsonify(key={"id": key.id, "prefix": key.prefix, "name": key.name, "blocked": blocked,
                         "reason": reason if blocked else None})
 
@@ -201,7 +203,7 @@ def admin_revoke_key() -> Response:
         conn.execute(db.api_keys.update().where(db.api_keys.c.id == key.id).values(revoked_at=db.utcnow()))
         audit(conn, "revoke_key", f"key:{key.prefix}", key_id=key.id, owner=key.username)
     revoke_in_store(svc, key.id, key.key_hash)
-    svc.events.emit("key_banned", key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
+    svc.events.emit(events.KEY_BANNED, key.prefix, owner=key.username, actor=g.admin_actor, severity="warning")
     return jsonify(key={"id": key.id, "prefix": key.prefix, "revoked": True, "blocked": True})
 
 
@@ -243,7 +245,7 @@ def ban_ip() -> Response:
         conn.execute(db.ip_bans.insert().values(ip=ip, banned_at=now, expires_at=now + dt.timedelta(seconds=seconds),
                                                 ban_count=1, reason="admin"))
         audit(conn, "ban_ip", f"ip:{ip}", seconds=seconds)
-    svc.events.emit("ip_banned", ip, seconds=seconds, actor=g.admin_actor)
+    svc.events.emit(events.IP_BANNED, ip, seconds=seconds, actor=g.admin_actor)
     return jsonify(ban={"ip": ip, "seconds": seconds})
 
 
@@ -259,6 +261,7 @@ def unban_ip() -> Response:
         conn.execute(db.ip_bans.update().where(db.ip_bans.c.ip == ip, db.ip_bans.c.lifted_at.is_(None))
                      .values(lifted_at=db.utcnow()))
         audit(conn, "unban_ip", f"ip:{ip}")
+    svc.events.emit(events.IP_UNBANNED, ip, actor=g.admin_actor)
     return jsonify(ban={"ip": ip, "lifted": True})
 
 
@@ -366,6 +369,7 @@ def create_override() -> tuple[Response, int]:
               expires_at=db.iso(expires_at))
         row = conn.execute(sa.select(db.rate_overrides).where(db.rate_overrides.c.id == override_id)).one()
     publish_policy(svc, key_id=key_id, user_id=user_id)
+    svc.events.emit(events.OVERRIDE_CREATED, target, override_id=override_id, limits=limits, actor=g.admin_actor)
     return jsonify(override={**policy_rules.override_json(row, svc.clock()), "target": target}), 201
 
 
@@ -392,6 +396,7 @@ def delete_override(override_id: int) -> Response:
         target = f"key:{row.key_id}" if row.key_id is not None else f"user:{row.user_id}"
         audit(conn, "delete_override", target, override_id=override_id, limits=json.loads(row.limits))
     publish_policy(svc, key_id=row.key_id, user_id=row.user_id)
+    svc.events.emit(events.OVERRIDE_DELETED, target, override_id=override_id, actor=g.admin_actor)
     return jsonify(override={**policy_rules.override_json(row, svc.clock()), "deleted": True})
 
 
@@ -411,6 +416,8 @@ def set_key_credits(key_id: int) -> Response:
         svc.limiter.set_credits(key_subject(key.id, key.key_hash), credits, refill=amount, every=every)
     svc.credit_grants.pop(key_id, None)
     publish_policy(svc, key_id=key_id)
+    svc.events.emit(events.CREDITS_SET, key.prefix, key_id=key_id, credits=credits, refill_amount=amount,
+                    refill_every=every, actor=g.admin_actor)
     refill = {"amount": amount, "every": every} if amount is not None else None
     return jsonify(key={"id": key_id, "prefix": key.prefix, "credits": credits, "refill": refill,
                         "credits_remaining": credits})

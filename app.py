@@ -35,13 +35,14 @@ import auth
 import database as db
 import errors
 import gateway
+import log_manager as abuse
 import log_redaction
 import policy_rules
 import wiring
 from admin import admin_bp, publish_policy, recent_alerts, revoke_in_store
 from analytics import MetricsCollector
 from api_io import int_arg, json_body, key_json, parse_timestamp, str_field, user_json
-from config import Config, ConfigError
+from config import DEFAULT_TIER, Config, ConfigError
 from errors import ApiError, bad_request
 from gate import (
     IpCheck,
@@ -154,19 +155,19 @@ def register() -> tuple[Response, int]:
         throttle(svc, f"reg:{g.client_ip}", svc.config.register_per_ip_per_hour, 3600, "too_many_registrations",
                  "Too many accounts registered from this address; try again later")
     except ApiError:
-        svc.abuse.record("registration_throttled", g.client_ip)
+        svc.abuse.record(abuse.REGISTRATION_THROTTLED, g.client_ip)
         raise
     now = db.utcnow()
     try:
         with svc.engine.begin() as conn:
             user_id = conn.execute(db.users.insert().values(
                 username=username, email=email, password_hash=auth.hash_password(password, svc.config.bcrypt_rounds),
-                tier="free", is_admin=False, created_at=now, updated_at=now,
+                tier=DEFAULT_TIER, is_admin=False, created_at=now, updated_at=now,
             ).returning(db.users.c.id)).scalar_one()
     except sa.exc.IntegrityError:
         raise ApiError(409, "username_taken", f"The username '{username}' is already taken") from None
-    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(now)), tier="free", blocked=False)
-    user = {"id": user_id, "username": username, "email": email, "tier": "free", "created_at": db.iso(now)}
+    svc.limiter.set_meta(user_subject(user_id, auth.account_stamp(now)), tier=DEFAULT_TIER, blocked=False)
+    user = {"id": user_id, "username": username, "email": email, "tier": DEFAULT_TIER, "created_at": db.iso(now)}
     return jsonify(user=user, **current_app.extensions["jwt"].issue(user_id)), 201
 
 
@@ -189,7 +190,7 @@ def login() -> Response:
         row = conn.execute(sa.select(db.users).where(db.users.c.username == username)).first()
     valid = auth.check_password(password, row.password_hash if row else _dummy_hash(svc.config.bcrypt_rounds))
     if row is None or not valid:
-        svc.abuse.record("failed_login", g.client_ip, username=username[:64])
+        svc.abuse.record(abuse.FAILED_LOGIN, g.client_ip, username=username[:64])
         raise ApiError(401, "invalid_credentials", "Unknown username or wrong password")
     return jsonify(user=user_json(row), **current_app.extensions["jwt"].issue(row.id))
 
@@ -381,7 +382,7 @@ def forward_auth(original: str | None = None) -> Response:
     else:
         _, tier = consume_user(svc, token)
         user_id = g.user_id
-    username = current_app.extensions["rl.usernames"].get(user_id)
+    username = gateway.usernames().get(user_id)
     # A constant body: gateways read the headers, and the decision must cost no more than /data.
     return Response(gateway.ADMITTED_BODY, mimetype="application/json",
                     headers=gateway.identity_headers(user_id, username, tier, key_prefix))
@@ -761,8 +762,8 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     app.register_error_handler(StoreUnavailable, lambda _exc: errors.error_response(
         503, "limiter_unavailable", "The rate-limit store is unreachable; try again shortly", {"Retry-After": "5"}))
     svc = build_services(config, clock)
-    app.extensions.update({"rl": svc, "rl.config": config, "rl.engine": svc.engine, "rl.limiter": svc.limiter})
-    auth.JWTManager(app, clock=clock)
+    app.extensions["rl"] = svc  # reached through wiring.current(), typed
+    auth.JWTManager(app, svc, clock=clock)
     svc.notifier.init_app(app)
     with app.app_context():
         try:

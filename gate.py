@@ -26,7 +26,10 @@ from werkzeug.exceptions import HTTPException
 
 import auth
 import database as db
+import log_manager as abuse
+import notifier as events
 import policy_rules
+from config import DEFAULT_TIER
 from errors import ApiError, bad_request
 from limiter import LimitResult, PolicyDecision, RequestDecision
 
@@ -238,8 +241,8 @@ def record_ip_decision(svc: Services, ip: str, decision: Any) -> None:
     if decision is None:
         return
     if decision.ban_started:
-        svc.events.emit("ip_banned", ip, ban_count=decision.ban_count, seconds=epoch_ceil(decision.retry_after))
-        svc.abuse.record("ip_ban", ip, ban_count=decision.ban_count)  # its callback emits any alert
+        svc.events.emit(events.IP_BANNED, ip, ban_count=decision.ban_count, seconds=epoch_ceil(decision.retry_after))
+        svc.abuse.record(abuse.IP_BAN, ip, ban_count=decision.ban_count)  # its callback emits any alert
     if not decision.allowed:
         raise refuse_ip(svc, decision)
 
@@ -257,13 +260,13 @@ def load_meta(svc: Services, subject: str) -> tuple[str, bool]:
                 .where(db.api_keys.c.id == int(ident))
             ).first()
             if row is None or not tag or not row.key_hash.startswith(tag):
-                return "free", True
+                return DEFAULT_TIER, True
             return row.tier, bool(row.blocked or row.revoked_at is not None)
         user = conn.execute(
             sa.select(db.users.c.tier, db.users.c.created_at).where(db.users.c.id == int(ident))
         ).first()
         if user is None or auth.account_stamp(user.created_at) != tag:
-            return "free", True
+            return DEFAULT_TIER, True
         return user.tier, False
 
 
@@ -295,7 +298,7 @@ def clean_tier(svc: Services, decision: RequestDecision | PolicyDecision) -> str
 
     The store's meta is data, not trusted: a tier it does not know was limited at the default
     (free) limit, and must not reach headers, bodies, metrics labels or analytics rows as it is."""
-    return decision.tier if decision.tier in svc.config.tier_limits else "free"
+    return decision.tier if decision.tier in svc.config.tier_limits else DEFAULT_TIER
 
 
 def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subject: str, *, key: KeyRecord | None,
@@ -314,7 +317,7 @@ def apply_limit(svc: Services, decision: RequestDecision | PolicyDecision, subje
                      allowed=result.allowed)
     svc.metrics.observe_decision(tier, result.allowed)
     if not result.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
+        svc.abuse.record(abuse.RATE_LIMITED, key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit of {result.limit} requests per {svc.config.window_seconds} s exceeded "
@@ -401,7 +404,7 @@ def apply_policy(svc: Services, decision: PolicyDecision, subject: str, *, key: 
         raise ApiError(403, "credits_exhausted", "This API key has used up its credits",
                        credits_remaining=decision.credits)
     if not decision.allowed:
-        svc.abuse.record("rate_limited", key.prefix if key else usage_subject)
+        svc.abuse.record(abuse.RATE_LIMITED, key.prefix if key else usage_subject)
         retry = max(1, epoch_ceil(result.retry_after))
         raise ApiError(429, "rate_limit_exceeded",
                        f"Rate limit {reported.name} ({reported.quota} per {reported.window} s) exceeded; "
@@ -439,7 +442,7 @@ def check_low_credits(svc: Services, key: KeyRecord, remaining: int) -> None:
     period, seconds = ((f"m{now.year}-{now.month}", 32 * 86400) if every == "month"
                        else (f"d{now.date()}", 86400) if every == "day" else ("once", 30 * 86400))
     if svc.limiter.hit(f"credits-low:{key.id}:{period}", 1, seconds).allowed:
-        svc.events.emit("credits_low", key.prefix, key_id=key.id, credits_remaining=remaining, threshold=threshold)
+        svc.events.emit(events.CREDITS_LOW, key.prefix, key_id=key.id, credits_remaining=remaining, threshold=threshold)
 
 
 def api_key_from_request(body: dict[str, Any] | None = None) -> str | None:
@@ -490,7 +493,7 @@ def resolve_key(svc: Services, raw_key: str | None) -> KeyRecord:
         record = svc.keys.load(key_hash)
     if record is None:
         ip_check().now()
-        svc.abuse.record("invalid_key", g.client_ip)
+        svc.abuse.record(abuse.INVALID_KEY, g.client_ip)
         raise ApiError(401, "invalid_api_key", "The API key is not valid")
     g.key_prefix = record.prefix
     g.user_id = record.user_id

@@ -45,6 +45,13 @@ EVENT_TITLES: dict[str, str] = {
     CREDITS_LOW: "Credits running low",
 }
 EVENTS: tuple[str, ...] = tuple(EVENT_TITLES)
+# Admin actions that are audited and shown on the live feed but not e-mailed.
+USER_DELETED = "user_deleted"
+IP_UNBANNED = "ip_unbanned"
+OVERRIDE_CREATED = "override_created"
+OVERRIDE_DELETED = "override_deleted"
+CREDITS_SET = "credits_set"
+FEED_ONLY_EVENTS: tuple[str, ...] = (USER_DELETED, IP_UNBANNED, OVERRIDE_CREATED, OVERRIDE_DELETED, CREDITS_SET)
 SUBJECT_TAG = "[RateLimiter]"
 
 Sender = Callable[[EmailMessage], None]

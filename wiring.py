@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from flask import current_app
 
 import database as db
+import log_manager as abuse
+import notifier as events
 from analytics import Metrics, UsageRecorder
 from config import Config
 from gate import KeyDirectory
@@ -36,7 +38,7 @@ ADMIN_ROOM = "admins"  # Socket.IO room of dashboard sockets that connected with
 class EventBus:
     """The one place events are emitted: log line, alert row, e-mail, live dashboard feed."""
 
-    ALERT_KINDS = {"abuse_alert", "rate_limit_spike", "ip_banned", "key_banned"}
+    ALERT_KINDS = {events.ABUSE_ALERT, events.RATE_LIMIT_SPIKE, events.IP_BANNED, events.KEY_BANNED}
 
     def __init__(self, svc: Services) -> None:
         self._svc = svc
@@ -53,7 +55,8 @@ class EventBus:
                 "timestamp": db.utcnow(), "kind": details.get("alert_kind", kind), "source": subject[:200],
                 "severity": details.get("severity", "warning"), "details": json.dumps(details, default=str),
             })
-        svc.notifier.notify(kind, subject, details)
+        if kind not in events.FEED_ONLY_EVENTS:
+            svc.notifier.notify(kind, subject, details)
         if svc.socketio is not None:
             try:  # events name users, keys and IPs: only sockets that presented ADMIN_TOKEN get them
                 svc.socketio.emit("event", event, to=ADMIN_ROOM)
@@ -195,9 +198,9 @@ def _write_alerts(engine: sa.engine.Engine, rows: list[dict[str, Any]]) -> None:
 
 def on_alert(svc: Services, alert: Alert) -> None:
     """Abuse detector callback: a 429 storm is a rate-limit spike; the rest are abuse alerts."""
-    kind = "rate_limit_spike" if alert.kind == "rate_limited" else "abuse_alert"
+    kind = events.RATE_LIMIT_SPIKE if alert.kind == abuse.RATE_LIMITED else events.ABUSE_ALERT
     svc.events.emit(kind, alert.source, alert_kind=alert.kind, count=alert.count,
                     window_seconds=alert.window_seconds, severity=alert.severity)
-    if svc.config.abuse_auto_ban and alert.kind in ("failed_login", "invalid_key"):
+    if svc.config.abuse_auto_ban and alert.kind in (abuse.FAILED_LOGIN, abuse.INVALID_KEY):
         svc.limiter.ban_ip(alert.source, svc.config.temp_ban_seconds)
-        svc.events.emit("ip_banned", alert.source, seconds=svc.config.temp_ban_seconds, reason=alert.kind)
+        svc.events.emit(events.IP_BANNED, alert.source, seconds=svc.config.temp_ban_seconds, reason=alert.kind)
