@@ -393,7 +393,7 @@ def forward_auth(original: str | None = None) -> Response:
 def sdk_js(filename: str) -> Response:
     """The SDK as a classic script (/sdk.js) and its ES-module wrapper (/sdk.mjs); one endpoint, so
     both stay exempt from the per-IP limit and the request log."""
-    response = send_from_directory(current_app.static_folder, filename,
+    response = send_from_directory(static_folder(), filename,
                                    mimetype="application/javascript", max_age=SDK_CACHE_SECONDS)
     response.headers["Access-Control-Allow-Origin"] = "*"
     return response
@@ -401,7 +401,14 @@ def sdk_js(filename: str) -> Response:
 
 @sdk_bp.get("/sdk")
 def sdk_page() -> Response:
-    return send_from_directory(current_app.static_folder, "demo.html", mimetype="text/html", max_age=0)
+    return send_from_directory(static_folder(), "demo.html", mimetype="text/html", max_age=0)
+
+
+def static_folder() -> str:
+    """The app's static/ directory (create_app always sets one)."""
+    folder = current_app.static_folder
+    assert folder is not None
+    return folder
 
 
 @sdk_bp.post("/sdk/check")
@@ -756,7 +763,8 @@ def create_app(config: Config | None = None, *, clock: Callable[[], float] = tim
     app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, TESTING=config.testing)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if config.trusted_proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies)
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]  # Flask's documented way to wrap the WSGI app
+            app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies)
     errors.init_app(app)
     # Any limiter call may find the shared store down in fail mode "closed": always a JSON 503.
     app.register_error_handler(StoreUnavailable, lambda _exc: errors.error_response(
