@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bcrypt
 import jwt
@@ -30,6 +30,11 @@ from flask import Flask, current_app, g, request
 
 import database as db
 from errors import ApiError
+
+if TYPE_CHECKING:
+    from config import Config
+    from limiter import RateLimiter
+    from wiring import Services
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +164,33 @@ class JWTManager:
     """Issues and checks tokens; keeps refresh families and revocations in the database and
     mirrors revocations into the limiter's shared store so every worker sees them at once."""
 
-    def __init__(self, app: Flask | None = None, *, clock: Callable[[], float] = time.time) -> None:
-        if app is not None:
-            self.init_app(app, clock=clock)
+    def __init__(self, app: Flask | None = None, services: Services | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._services: Services | None = None
+        if app is not None and services is not None:
+            self.init_app(app, services, clock=clock)
 
-    def init_app(self, app: Flask, *, clock: Callable[[], float] = time.time) -> None:
+    def init_app(self, app: Flask, services: Services, *, clock: Callable[[], float] = time.time) -> None:
+        """Serve ``app`` with the config, database and limiter store of ``services`` (one manager per app,
+        as create_app makes it)."""
+        self._services = services
         app.extensions["jwt"] = self
         app.extensions["jwt.revocations"] = RevocationMirror(clock)
 
-    # Settings are read from the app's Config at call time; nothing is kept on self.
-    @staticmethod
-    def _config():
-        return current_app.extensions["rl.config"]
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("JWTManager.init_app(app, services) has not been called")
+        return self._services
 
-    @staticmethod
-    def _engine():
-        return current_app.extensions["rl.engine"]
+    def _config(self) -> Config:
+        return self.services.config
 
-    @staticmethod
-    def _limiter():
-        return current_app.extensions["rl.limiter"]
+    def _engine(self) -> sa.engine.Engine:
+        return self.services.engine
+
+    def _limiter(self) -> RateLimiter:
+        return self.services.limiter
 
     @staticmethod
     def _mirror() -> RevocationMirror:
@@ -350,6 +362,12 @@ def bearer_token() -> str | None:
     return token.strip()
 
 
+def manager() -> JWTManager:
+    """The JWTManager of the app handling this request."""
+    found: JWTManager = current_app.extensions["jwt"]
+    return found
+
+
 def authenticate_access_token(token: str) -> dict[str, Any]:
     """Claims of a valid, unrevoked access token of an account that still exists, or ApiError(401)."""
     manager: JWTManager = current_app.extensions["jwt"]
@@ -383,7 +401,8 @@ def admin_actor() -> str:
     token = bearer_token()
     if token is None:
         raise ApiError(401, "missing_admin_token", "Send Authorization: Bearer <ADMIN_TOKEN>")
-    admin_token = current_app.extensions["rl.config"].admin_token
+    svc = manager().services
+    admin_token = svc.config.admin_token
     if admin_token and hmac.compare_digest(token.encode("utf-8"), admin_token.encode("utf-8")):
         return "admin-token"
     if token.count(".") == 2:
@@ -391,7 +410,7 @@ def admin_actor() -> str:
             claims = authenticate_access_token(token)
         except ApiError:
             raise ApiError(401, "invalid_admin_token", "The admin token is not valid") from None
-        with current_app.extensions["rl.engine"].connect() as conn:
+        with svc.engine.connect() as conn:
             row = conn.execute(
                 sa.select(db.users.c.username, db.users.c.is_admin).where(db.users.c.id == int(claims["sub"]))
             ).first()

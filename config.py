@@ -19,8 +19,9 @@ from redis_wire import parse_store_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIER_LIMITS: dict[str, int] = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
-TIER_ORDER: tuple[str, ...] = ("free", "basic", "premium", "enterprise")
+TIER_ORDER: tuple[str, ...] = ("free", "basic", "premium", "enterprise")  # the one list of tier names
+DEFAULT_TIER = TIER_ORDER[0]  # new accounts; the limit of an unknown or missing tier
+DEFAULT_TIER_LIMITS: dict[str, int] = dict(zip(TIER_ORDER, (5, 20, 100, 1000), strict=True))
 STRATEGIES: tuple[str, ...] = ("sliding_window", "sliding_window_counter", "fixed_window", "gcra")
 FAIL_MODES: tuple[str, ...] = ("memory", "open", "closed")
 # Coarser than a /32 (an ISP's whole allocation) would put unrelated networks in one subject.

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import sqlalchemy as sa
-from flask import Flask, Request, Response, request
+from flask import Flask, Request, Response, current_app, request
 from werkzeug.routing import PathConverter
 
 import database as db
@@ -199,5 +199,14 @@ def init_app(app: Flask, engine: sa.engine.Engine) -> None:
     """Wire the gateway support into ``app``; call before its blueprints and before the main
     after_request hook (Flask runs after_request hooks in reverse order: this one runs last)."""
     app.url_map.converters["forwarded_path"] = ForwardedPathConverter
-    app.extensions["rl.usernames"] = UsernameCache(engine)
+    app.extensions[USERNAMES_EXTENSION] = UsernameCache(engine)
     app.after_request(dress_refusal_for_nginx)
+
+
+USERNAMES_EXTENSION = "gateway.usernames"
+
+
+def usernames() -> UsernameCache:
+    """The username cache of the app handling this request (set up by ``init_app``)."""
+    cache: UsernameCache = current_app.extensions[USERNAMES_EXTENSION]
+    return cache

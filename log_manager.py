@@ -214,6 +214,7 @@ class BatchWriter:
         max_retries: int = 3,
         name: str = "batch-writer",
         transient: Callable[[BaseException], bool] | None = None,
+        autostart: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or interval <= 0:
             raise ValueError("max_batch and max_queue must be >= 1 and interval > 0")
@@ -232,7 +233,15 @@ class BatchWriter:
         self._closing = False
         self._counts = dict(accepted=0, flushed=0, batches=0, dropped=0, failed=0, retries=0, rejected=0)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        if autostart:
+            self.start()
+
+    def start(self) -> None:
+        """Start the background thread (once); until then ``put`` only queues."""
+        with self._cond:
+            if self._thread.is_alive() or self._thread.ident is not None or self._closing:
+                return
+            self._thread.start()
 
     def put(self, item: Any) -> bool:
         """Queue ``item`` for the next flush; False (and counted as dropped) if full or closed."""
@@ -264,6 +273,10 @@ class BatchWriter:
         with self._cond:
             self._closing = True
             self._cond.notify()
+            started = self._thread.ident is not None
+        if not started:  # never started: write what was queued here, as the thread would have
+            self.flush_now()
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -414,6 +427,7 @@ class RequestLogger:
         interval: float = 0.25,
         max_queue: int = 100_000,
         shared: bool = False,
+        autostart: bool = True,
     ) -> None:
         self.log_dir = _ensure_dir(log_dir)
         self.path = os.path.join(log_dir, REQUEST_LOG_NAME)
@@ -421,14 +435,19 @@ class RequestLogger:
         self._handler = _rotating_handler(self.path, max_bytes, backup_count, shared)
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._writer = BatchWriter(
-            self._write, interval=interval, max_queue=max_queue, max_retries=0, name="request-log"
+            self._write, interval=interval, max_queue=max_queue, max_retries=0, name="request-log",
+            autostart=autostart,
         )
 
     @classmethod
-    def from_config(cls, config: Config) -> RequestLogger:
+    def from_config(cls, config: Config, *, autostart: bool = True) -> RequestLogger:
         """Build the request logger the settings describe."""
         return cls(config.log_dir, config.log_max_bytes, config.log_backup_count, config.log_retention_days,
-                   shared=config.web_concurrency > 1)
+                   shared=config.web_concurrency > 1, autostart=autostart)
+
+    def start(self) -> None:
+        """Start the writer thread (once)."""
+        self._writer.start()
 
     def log(self, record: dict[str, Any]) -> bool:
         """Queue one request record; the standard fields default to None. False if the queue is full."""

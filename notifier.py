@@ -45,6 +45,13 @@ EVENT_TITLES: dict[str, str] = {
     CREDITS_LOW: "Credits running low",
 }
 EVENTS: tuple[str, ...] = tuple(EVENT_TITLES)
+# Admin actions that are audited and shown on the live feed but not e-mailed.
+USER_DELETED = "user_deleted"
+IP_UNBANNED = "ip_unbanned"
+OVERRIDE_CREATED = "override_created"
+OVERRIDE_DELETED = "override_deleted"
+CREDITS_SET = "credits_set"
+FEED_ONLY_EVENTS: tuple[str, ...] = (USER_DELETED, IP_UNBANNED, OVERRIDE_CREATED, OVERRIDE_DELETED, CREDITS_SET)
 SUBJECT_TAG = "[RateLimiter]"
 
 Sender = Callable[[EmailMessage], None]
@@ -138,6 +145,7 @@ class Notifier:
         backoff: float = 0.5,
         max_queue: int = 1000,
         sleep: Callable[[float], None] = time.sleep,
+        autostart: bool = True,
     ) -> None:
         self.enabled = bool(config.email_enabled and config.alert_email_to)
         if config.email_enabled and not config.alert_email_to:
@@ -161,6 +169,14 @@ class Notifier:
         if self.enabled:
             self._sender = sender if sender is not None else SmtpSender(config)
             self._thread = threading.Thread(target=self._run, name="email-notifier", daemon=True)
+            if autostart:
+                self.start()
+
+    def start(self) -> None:
+        """Start the sender thread (once, and only when e-mail is enabled); until then mail only queues."""
+        with self._cond:
+            if self._thread is None or self._thread.ident is not None or self._closed:
+                return
             self._thread.start()
 
     def init_app(self, app: Any) -> None:
@@ -202,7 +218,7 @@ class Notifier:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread is None:
+        if self._thread is None or self._thread.ident is None:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()

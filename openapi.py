@@ -13,9 +13,11 @@ from typing import Any
 
 from flask import Flask
 
+from config import TIER_ORDER
+
 OPENAPI_VERSION = "3.1.0"
 MAX_ID = 2**31 - 1  # ids are 32-bit database integers; larger values are refused with 400/404
-DEFAULT_TIERS = ("free", "basic", "premium", "enterprise")
+DEFAULT_TIERS = TIER_ORDER
 ISO_EXAMPLE = "2026-12-01T10:00:00Z"
 
 Schema = dict[str, Any]
@@ -668,7 +670,8 @@ def rule_to_path(rule: str) -> str:
 
 def build_spec(app: Flask, version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``app``: the route table, with this app's configured tiers."""
-    config = app.extensions.get("rl.config")
+    services = app.extensions.get("rl")
+    config = getattr(services, "config", None)
     tiers = list(getattr(config, "tier_limits", None) or DEFAULT_TIERS)
     schemas = {**SCHEMAS, "Tier": string(enum=tiers, examples=tiers[:1])}
     schemas.update({f"{name}Request": body for name, body in BODIES.items()})

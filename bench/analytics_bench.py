@@ -81,6 +81,7 @@ def main() -> int:
             log_dir=f"{tmp}/logs", enable_socketio=False, ip_rate_limit=10**9, log_level="WARNING",
         )
         app = create_app(config)
+        app.extensions["rl"].start()
         svc = app.extensions["rl"]
         started = time.perf_counter()
         rows = populate(svc.engine, args.keys, args.history)

@@ -88,6 +88,7 @@ def make_app(tmp_path: Path, clock: FakeClock):
             overrides.setdefault("redis_url", REDIS_URL)
             overrides.setdefault("key_prefix", f"rltest{uuid.uuid4().hex[:8]}")
         application = create_app(test_config(tmp_path, **overrides), clock=clock if use_clock else time.time)
+        application.extensions["rl"].start()  # the background flusher and writers, as the entry points do
         built.append(application)
         return application
 

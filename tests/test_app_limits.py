@@ -148,7 +148,7 @@ def test_tier_change_applies_next_request_and_keeps_counted_requests(make_app, a
 
 def test_block_is_seen_by_every_instance_on_the_next_request(make_app, auth):
     first = make_app(store="redis")
-    prefix = first.extensions["rl.config"].key_prefix
+    prefix = first.extensions["rl"].config.key_prefix
     second = make_app(store="redis", key_prefix=prefix)
     c1, c2 = first.test_client(), second.test_client()
     auth._client = c1

@@ -219,7 +219,7 @@ def test_logout_revokes_access_and_refresh_tokens(client, auth):
 def test_revocation_is_seen_by_a_second_app_instance_sharing_the_store(make_app):
     first = make_app(store="redis").test_client()
     tokens = first.post("/auth/register", json={"username": "oscar", "password": PASSWORD}).get_json()
-    second_app = make_app(store="redis", key_prefix=first.application.extensions["rl.config"].key_prefix)
+    second_app = make_app(store="redis", key_prefix=first.application.extensions["rl"].config.key_prefix)
     second = second_app.test_client()
     assert me(second, tokens["access_token"]).status_code == 200
     first.post("/auth/logout", headers={"Authorization": f"Bearer {tokens['access_token']}"})
@@ -232,7 +232,7 @@ def forget_store_keys(app, pattern: str = "*") -> int:
     from tests.services import require_redis
 
     client = require_redis()
-    prefix = app.extensions["rl.config"].key_prefix
+    prefix = app.extensions["rl"].config.key_prefix
     keys = list(client.scan_iter(match=f"{prefix}:{pattern}", count=500))
     if keys:
         client.delete(*keys)
@@ -242,7 +242,7 @@ def forget_store_keys(app, pattern: str = "*") -> int:
 @pytest.mark.parametrize("route", ["/auth/me", "/data"])
 def test_a_revoked_token_stays_revoked_when_the_store_loses_its_data(make_app, route):
     first = make_app(store="redis")
-    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    second = make_app(store="redis", key_prefix=first.extensions["rl"].config.key_prefix)
     one, other = first.test_client(), second.test_client()
     revoked = one.post("/auth/register", json={"username": "wiped", "password": PASSWORD}).get_json()
     live = one.post("/auth/login", json={"username": "wiped", "password": PASSWORD}).get_json()
@@ -258,7 +258,7 @@ def test_a_revoked_token_stays_revoked_when_only_its_flag_is_evicted(make_app, c
     """Eviction can drop the flag and keep the rest: every process holds its own copy of the
     revocations, re-read from the database at most every REVOCATION_SYNC_SECONDS."""
     first = make_app(store="redis")
-    second = make_app(store="redis", key_prefix=first.extensions["rl.config"].key_prefix)
+    second = make_app(store="redis", key_prefix=first.extensions["rl"].config.key_prefix)
     one, other = first.test_client(), second.test_client()
     tokens = one.post("/auth/register", json={"username": "evicted", "password": PASSWORD}).get_json()
     headers = {"Authorization": f"Bearer {tokens['access_token']}"}

@@ -193,12 +193,12 @@ def test_a_banned_flood_writes_one_request_log_row_per_minute(make_app, clock):
 
 
 def test_log_retention_runs_by_itself_on_the_apps_clock(make_app, clock, tmp_path):
-    import app as app_module
+    import wiring
 
     app = make_app(log_retention_days=14)
     svc = app.extensions["rl"]
     wait_until(lambda: svc.housekeeping_due > 0)  # the start-up pass
-    assert svc.housekeeping_due == pytest.approx(clock.now + app_module.HOUSEKEEPING_SECONDS)
+    assert svc.housekeeping_due == pytest.approx(clock.now + wiring.HOUSEKEEPING_SECONDS)
     log_dir = tmp_path / "logs"
     old, recent = log_dir / "requests.log.3", log_dir / "requests.log.1"
     for path, age_days in ((old, 15), (recent, 1)):
@@ -215,12 +215,12 @@ def test_log_retention_runs_by_itself_on_the_apps_clock(make_app, clock, tmp_pat
         with svc.engine.connect() as conn:
             return list(conn.execute(sa.select(db.request_logs.c.path)).scalars().all())
 
-    clock.advance(app_module.HOUSEKEEPING_SECONDS + 1)
+    clock.advance(wiring.HOUSEKEEPING_SECONDS + 1)
     # The pass removes files first, then rows: wait for both rather than the first one seen.
     wait_until(lambda: not old.exists() and "/old" not in logged_paths())
     assert recent.exists() and (log_dir / "requests.log").exists()
     assert "/recent" in logged_paths()
-    assert svc.housekeeping_due == pytest.approx(clock.now + app_module.HOUSEKEEPING_SECONDS)
+    assert svc.housekeeping_due == pytest.approx(clock.now + wiring.HOUSEKEEPING_SECONDS)
 
 
 # --- item 6: IPv6 clients are one subject per prefix -------------------------------------------

@@ -246,7 +246,7 @@ def test_user_deleted_by_an_admin_is_refused_everywhere_at_once(client, auth):
 def two_instances(make_app, backend: str):
     """Two app instances on one database and one Redis key prefix (as two hosts would run)."""
     first = make_app(backend=backend, store="redis")
-    config = first.extensions["rl.config"]
+    config = first.extensions["rl"].config
     second = make_app(store="redis", key_prefix=config.key_prefix, database_url=config.database_url)
     return first, second
 
@@ -750,7 +750,7 @@ def test_unknown_tier_in_store_meta_falls_back_to_the_default_limit(make_app, au
     app.extensions["rl"].limiter.set_meta(key_subject(app, key), tier="platinum", blocked=False)
     statuses = [client.get("/data", headers={"X-API-Key": key["api_key"]}) for _ in range(6)]
     assert [r.status_code for r in statuses] == [200] * 5 + [429]
-    assert statuses[0].get_json()["usage"]["limit"] == app.extensions["rl.config"].tier_limits["free"]
+    assert statuses[0].get_json()["usage"]["limit"] == app.extensions["rl"].config.tier_limits["free"]
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
