@@ -11,12 +11,13 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # conftest runs first: put the project on sys.path
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -112,10 +113,26 @@ def client(app):
 
 
 class AuthActions:
-    """Register users, sign in, create keys, and build headers, as a client would."""
+    """Register users, sign in, create keys, and build headers, as a client would.
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    Bound to the ``client`` fixture on first use (so tests that build their own app never
+    build the default one); ``auth.on(client)`` gives the same helpers for another client.
+    """
+
+    def __init__(self, client: Any = None, default: Callable[[], Any] | None = None) -> None:
+        self._bound = client
+        self._default = default
+
+    @property
+    def _client(self) -> Any:
+        if self._bound is None:
+            assert self._default is not None, "AuthActions needs a client"
+            self._bound = self._default()
+        return self._bound
+
+    def on(self, client: Any) -> AuthActions:
+        """The same helpers against ``client`` (an app the test built itself)."""
+        return AuthActions(client)
 
     def register(self, username: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
         username = username or f"user_{uuid.uuid4().hex[:8]}"
@@ -151,8 +168,8 @@ class AuthActions:
 
 
 @pytest.fixture
-def auth(client) -> AuthActions:
-    return AuthActions(client)
+def auth(request: pytest.FixtureRequest) -> AuthActions:
+    return AuthActions(default=lambda: request.getfixturevalue("client"))
 
 
 class LiveServer:

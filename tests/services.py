@@ -12,9 +12,11 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]  # the project checkout the tests run against
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")

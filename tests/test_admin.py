@@ -182,7 +182,7 @@ def test_metrics_and_usage_after_known_traffic(client, auth):
 
 def test_429_storm_raises_a_rate_limit_spike_alert(make_app, auth):
     client = make_app(abuse_429_storm=3).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     for _ in range(8):
         client.get("/data", headers={"X-API-Key": key["api_key"]})
@@ -241,7 +241,7 @@ def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
     client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=controller.port, smtp_use_tls=False,
                       alert_email_to=["ops@example.com", "sec@example.com"], email_from="limiter@example.com",
                       use_clock=False).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     client.post("/admin/block_key", json={"key_id": key["id"], "reason": "scraping"}, headers=auth.admin)
     assert wait_for(lambda: len(inbox.messages) == 1)
@@ -256,7 +256,7 @@ def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
 def test_dead_smtp_server_does_not_slow_requests(make_app, auth):
     client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=free_port(), smtp_use_tls=False,
                       alert_email_to=["ops@example.com"], use_clock=False).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     started = time.perf_counter()
     response = client.post("/admin/block_key", json={"key_id": key["id"]}, headers=auth.admin)

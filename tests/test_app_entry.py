@@ -14,9 +14,8 @@ import pytest
 import requests
 
 from tests.leak_probe import admin_views, files_under, leaks, send_credentials
-from tests.services import free_port
+from tests.services import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "entry-point-test-secret-0123456789abcdef"
 
 

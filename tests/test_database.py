@@ -13,9 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 import database as db
-from tests.services import fresh_postgres_database
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT, fresh_postgres_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

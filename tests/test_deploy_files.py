@@ -26,9 +26,8 @@ import pytest
 import requests
 
 from tests.leak_probe import admin_views, files_under, leaks, send_credentials
-from tests.services import REDIS_URL, free_port, require_redis
+from tests.services import REDIS_URL, ROOT, free_port, require_redis
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_SECRETS = {
     "JWT_SECRET_KEY": "deploy-test-secret-0123456789abcdef-0123456789",
     "ADMIN_TOKEN": "deploy-test-admin-token-0123456789",

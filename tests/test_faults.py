@@ -102,7 +102,7 @@ def test_redis_restart_under_load_follows_the_fail_mode(make_app, auth, mode):
     app = make_app(store="redis", fail_mode=mode, use_clock=False, tier_limits={"free": 1_000_000, "basic": 20,
                                                                                   "premium": 100, "enterprise": 1000})
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         with Load(app, key["api_key"]) as load:
@@ -128,7 +128,7 @@ def test_redis_restart_under_load_follows_the_fail_mode(make_app, auth, mode):
     # limits are exact again once Redis is back (a new free key, limit restored to 5)
     exact = make_app(store="redis", fail_mode=mode, use_clock=False)
     exact_client = exact.test_client()
-    auth._client = exact_client
+    auth = auth.on(exact_client)
     assert exactness_probe(exact_client, auth) == [200] * 5 + [429] * 3
 
 
@@ -138,7 +138,7 @@ def test_postgres_restart_under_load_recovers(make_app, auth):
     app = make_app(backend="postgres", use_clock=False,
                    tier_limits={"free": 1_000_000, "basic": 20, "premium": 100, "enterprise": 1000})
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         with Load(app, key["api_key"], threads=3) as load:
@@ -168,7 +168,7 @@ def test_store_outage_never_leaks_a_traceback(make_app, auth):
     require_redis()
     app = make_app(store="redis", fail_mode="closed", use_clock=False)
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         stop_redis()

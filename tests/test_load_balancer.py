@@ -31,7 +31,6 @@ import pytest
 import requests
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from services import free_port
 from test_geo_router import DATACENTERS, LONDON, MILTON, SHARED_GEOIP, SINGAPORE, build_city_db
 from test_mock_backends import mock_backends, stop, wait_ready
 
@@ -56,8 +55,8 @@ from load_balancer import (
     hrw_score,
     parse_args,
 )
+from tests.services import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 0.25
 
 

@@ -9,13 +9,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import requests
-from services import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT, free_port
 
 
 def wait_ready(urls: Sequence[str], proc: subprocess.Popen[str], timeout: float = 15.0) -> None:

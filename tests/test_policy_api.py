@@ -30,7 +30,7 @@ def policy_app(make_app, tmp_path: Path, text: str, **kwargs):
 
 def client_and_key(application, auth):
     client = application.test_client()
-    auth._client = client
+    auth = auth.on(client)
     user, key = auth.user_with_key()
     return client, key, user
 

@@ -19,9 +19,8 @@ import sqlalchemy as sa
 
 import run_system
 from tests.leak_probe import files_under, leaks, send_credentials
-from tests.services import free_port, fresh_postgres_database, port_open, require_redis
+from tests.services import ROOT, free_port, fresh_postgres_database, port_open, require_redis
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_system.py"
 # Settings a developer's shell might carry that would change what the system under test uses.
 SCRUBBED = ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN", "JWT_SECRET_KEY", "FLASK_ENV", "WEB_CONCURRENCY", "PORT")
