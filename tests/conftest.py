@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
-from tests.services import REDIS_URL, fresh_postgres_database, require_redis  # noqa: E402
+from tests.services import REDIS_URL, FakeClock, fresh_postgres_database, require_redis  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
@@ -30,19 +30,6 @@ ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 # the root logger would print that between test results.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 PASSWORD = "correct horse battery"
-
-
-class FakeClock:
-    """A settable clock: tests move time instead of sleeping through windows."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_config(tmp_path: Path, **overrides: Any) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -92,10 +93,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep)."""
+class FakeClock:
+    """A settable clock: tests move time instead of sleeping through windows."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01,
+               message: str | None = None) -> bool:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep).
+
+    Returns True, so ``assert wait_until(...)`` reads as the claim it checks."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.01)
+            pytest.fail(message or f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return True
+
+
+def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 30.0, status: int | None = 200,
+                  output: Callable[[], str] | None = None) -> None:
+    """Poll ``url`` until it answers (with ``status`` unless None); fail at once if ``proc`` exits first.
+
+    ``output`` describes what the process printed, for the failure message."""
+    import requests
+
+    def answered() -> bool:
+        if proc is not None and proc.poll() is not None:
+            said = output() if output is not None else ""
+            pytest.fail(f"{proc.args!r} exited ({proc.returncode}) before {url} answered: {said}")
+        try:
+            code = requests.get(url, timeout=1).status_code
+        except requests.RequestException:
+            return False
+        return status is None or code == status
+    wait_until(answered, timeout, interval=0.05, message=f"{url} did not answer {status or ''} within {timeout} s")

@@ -14,7 +14,7 @@ from aiosmtpd.controller import Controller
 
 import database as db
 from tests.conftest import ADMIN_TOKEN
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 ADMIN_BODIES = {
     "/admin/upgrade_tier": {"user_id": 1, "tier": "basic"},
@@ -227,15 +227,6 @@ def smtp_inbox():
     controller.stop()
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
     controller, inbox = smtp_inbox
     client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=controller.port, smtp_use_tls=False,
@@ -244,7 +235,7 @@ def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
     auth = auth.on(client)
     _, key = auth.user_with_key()
     client.post("/admin/block_key", json={"key_id": key["id"], "reason": "scraping"}, headers=auth.admin)
-    assert wait_for(lambda: len(inbox.messages) == 1)
+    assert wait_until(lambda: len(inbox.messages) == 1)
     message = inbox.messages[0]
     assert sorted(message.rcpt_tos) == ["ops@example.com", "sec@example.com"]
     assert message.mail_from == "limiter@example.com"
@@ -264,4 +255,4 @@ def test_dead_smtp_server_does_not_slow_requests(make_app, auth):
     assert response.status_code == 200
     assert elapsed < 0.5, f"blocking took {elapsed:.3f}s with a dead SMTP server"
     notifier = client.application.extensions["rl"].notifier
-    assert wait_for(lambda: notifier.stats()["failed"] == 1, timeout=30)
+    assert wait_until(lambda: notifier.stats()["failed"] == 1, timeout=30)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, PASSWORD
-from tests.services import REDIS_URL, ROOT, free_port, require_redis
+from tests.services import REDIS_URL, ROOT, free_port, require_redis, wait_for_http
 
 STORES = ["memory", "redis"]
 
@@ -272,20 +271,6 @@ def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> s
         )
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become healthy")
-
-
 @pytest.mark.slow
 def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
     require_redis()
@@ -302,7 +287,7 @@ def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_healthy(url, proc, log)
+            wait_for_http(f"{url}/health", proc, 60, output=lambda log=log: log.read_text()[-2000:])
         for round_number in range(3):
             user = requests.post(f"{urls[0]}/auth/register", timeout=10,
                                  json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.leak_probe import admin_views, files_under, leaks, send_credentials
-from tests.services import REDIS_URL, ROOT, free_port, require_redis
+from tests.services import REDIS_URL, ROOT, free_port, require_redis, wait_until
 
 DEPLOY_SECRETS = {
     "JWT_SECRET_KEY": "deploy-test-secret-0123456789abcdef-0123456789",
@@ -113,10 +113,9 @@ def serving(argv: list[str], env: dict[str, str], port: int, timeout: float = 60
 
 
 def wait_for_workers(master_pid: int, expected: int, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (count := worker_count(master_pid)) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return count
+    wait_until(lambda: worker_count(master_pid) == expected, timeout, interval=0.1,
+               message=f"gunicorn {master_pid} did not reach {expected} workers: {worker_count(master_pid)}")
+    return expected
 
 
 # ---------------------------------------------------------------- Dockerfile

@@ -33,25 +33,12 @@ from limiter import (  # noqa: E402
     RateLimiter,
     StoreUnavailable,
 )
-from tests.services import REDIS_URL, free_port, require_redis  # noqa: E402
+from tests.services import REDIS_URL, FakeClock, free_port, require_redis  # noqa: E402
 
 T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
 REDIS_RESTART = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
                  "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
-
-
-class Clock:
-    """Settable clock: tests move time instead of sleeping."""
-
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -63,8 +50,8 @@ def store_url(request) -> str:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -584,7 +571,7 @@ def test_outage_probe_backs_off_and_recovers_with_pending_writes(clock, tmp_path
 @pytest.mark.fault
 def test_real_redis_outage_under_load_then_exact_again():
     client = require_redis()
-    clock = Clock(time.time())
+    clock = FakeClock(time.time())
     prefix = f"t{uuid.uuid4().hex[:10]}"
     rl = RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=prefix, fail_mode="memory")
     errors: list[BaseException] = []
