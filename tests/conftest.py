@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
-from tests.services import REDIS_URL, FakeClock, fresh_postgres_database, require_redis  # noqa: E402
+from tests.services import REDIS_URL, FakeClock, Inbox, free_port, fresh_postgres_database, require_redis  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
@@ -157,6 +157,25 @@ class AuthActions:
 @pytest.fixture
 def auth(request: pytest.FixtureRequest) -> AuthActions:
     return AuthActions(default=lambda: request.getfixturevalue("client"))
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Callable[..., tuple[Inbox, int]]]:
+    """Factory starting an aiosmtpd server on a free loopback port; every server is stopped afterwards."""
+    from aiosmtpd.controller import Controller
+
+    controllers: list[Any] = []
+
+    def start(**kwargs: Any) -> tuple[Inbox, int]:
+        inbox, port = Inbox(), free_port()
+        controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
+        controller.start()
+        controllers.append(controller)
+        return inbox, port
+
+    yield start
+    for controller in controllers:
+        controller.stop()
 
 
 class LiveServer:

@@ -8,9 +8,7 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
 import database as db
 from tests.conftest import ADMIN_TOKEN
@@ -209,34 +207,16 @@ def test_credential_stuffing_can_auto_ban_the_ip(make_app, auth):
 
 # --- e-mail through a real SMTP server ---
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
-        self.messages.append(envelope)
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp_inbox():
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield controller, inbox
-    controller.stop()
-
-
-def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
-    controller, inbox = smtp_inbox
-    client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=controller.port, smtp_use_tls=False,
+def test_admin_action_sends_an_email(make_app, auth, smtp_server):
+    inbox, port = smtp_server()
+    client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=port, smtp_use_tls=False,
                       alert_email_to=["ops@example.com", "sec@example.com"], email_from="limiter@example.com",
                       use_clock=False).test_client()
     auth = auth.on(client)
     _, key = auth.user_with_key()
     client.post("/admin/block_key", json={"key_id": key["id"], "reason": "scraping"}, headers=auth.admin)
-    assert wait_until(lambda: len(inbox.messages) == 1)
-    message = inbox.messages[0]
+    assert wait_until(lambda: len(inbox.envelopes) == 1)
+    message = inbox.envelopes[0]
     assert sorted(message.rcpt_tos) == ["ops@example.com", "sec@example.com"]
     assert message.mail_from == "limiter@example.com"
     text = message.content.decode()
