@@ -27,6 +27,10 @@ POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgr
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# How .ci/run starts the shared Redis; fault tests that stop it start it again the same way.
+SHARED_REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
+                      "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
+                      "--logfile", "/var/log/redis/ci.log"]
 
 
 def unavailable(what: str) -> None:
@@ -83,6 +87,27 @@ def fresh_postgres_database(url: str = POSTGRES_URL) -> tuple[str, callable]:
         engine.dispose()
 
     return db_url, drop
+
+
+def start_private_redis(port: int, folder: Path) -> tuple[subprocess.Popen, Any]:
+    """A redis-server of the test's own on ``port`` (the shared one is never stopped), once it answers.
+
+    Returns (process, client); the caller terminates the process."""
+    import redis
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+    wait_until(answers, 5, interval=0.05, message=f"private redis-server on port {port} did not start")
+    return server, client
 
 
 def require_chromium() -> str:

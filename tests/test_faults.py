@@ -16,12 +16,18 @@ import time
 import pytest
 import redis as redis_lib
 
-from tests.services import POSTGRES_URL, REDIS_URL, port_open, require_postgres, require_redis, wait_until
+from tests.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    SHARED_REDIS_START,
+    port_open,
+    require_postgres,
+    require_redis,
+    wait_until,
+)
 
 pytestmark = pytest.mark.fault
 
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-               "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
 
 
 def redis_up() -> bool:
@@ -39,7 +45,7 @@ def stop_redis() -> None:
 
 def start_redis() -> None:
     if not redis_up():
-        subprocess.run(REDIS_START, capture_output=True, timeout=30)
+        subprocess.run(SHARED_REDIS_START, capture_output=True, timeout=30)
     wait_until(redis_up, 30, message="Redis did not come back")
 
 

@@ -33,12 +33,17 @@ from limiter import (  # noqa: E402
     RateLimiter,
     StoreUnavailable,
 )
-from tests.services import REDIS_URL, FakeClock, free_port, require_redis  # noqa: E402
+from tests.services import (  # noqa: E402
+    REDIS_URL,
+    SHARED_REDIS_START,
+    FakeClock,
+    free_port,
+    require_redis,
+    start_private_redis,
+)
 
 T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
-REDIS_RESTART = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-                 "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -594,7 +599,7 @@ def test_real_redis_outage_under_load_then_exact_again():
         time.sleep(0.5)
         assert rl.health() == "degraded"
     finally:
-        subprocess.run(REDIS_RESTART, check=True)
+        subprocess.run(SHARED_REDIS_START, check=True)
     for _ in range(100):
         try:
             client.ping()
@@ -692,8 +697,6 @@ def test_writes_queued_while_replaying_are_not_lost(clock):
 
 
 def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed")
     port = free_port()
     server, client = start_private_redis(port, tmp_path)
     try:
@@ -716,22 +719,6 @@ def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
         if server.poll() is None:
             server.terminate()
             server.wait(timeout=10)
-
-
-def start_private_redis(port: int, tmp_path) -> tuple[subprocess.Popen, object]:
-    """A redis-server of the test's own on ``port`` (the shared one is never stopped), once it answers."""
-    import redis
-
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)  # waiting for a server to start, not for a window
-    return server, client
 
 
 class FakeRedis:
