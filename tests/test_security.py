@@ -853,10 +853,8 @@ def test_html_in_key_names_and_emails_is_returned_as_json_data_and_never_in_the_
         for payload in (XSS, "<img src=x", "<script>alert", "<svg/onload", "onerror="):
             assert payload not in html, payload
 
-
-def test_dashboard_script_writes_no_raw_html():
-    script = (ROOT / "static" / "dashboard.js").read_text()
-    assert re.findall(r"\.innerHTML\s*=|insertAdjacentHTML|outerHTML\s*=|document\.write", script) == []
+# What dashboard.js does with such values in a real browser is
+# tests/test_dashboard_browser.py::test_user_supplied_text_is_shown_literally (no element, no script run).
 
 
 # =============================================================================================
