@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from config import Config, ConfigError
 from log_manager import clean_text
 
 log = logging.getLogger(__name__)
@@ -605,11 +606,6 @@ def rows_as_dicts(result: Iterable[Any]) -> list[dict[str, Any]]:
 
 # --- CLI ----------------------------------------------------------------------------------
 
-def database_url_from_env(environ: dict[str, str] | None = None) -> str:
-    env = os.environ if environ is None else environ
-    return env.get("DATABASE_URL") or f"sqlite:///{env.get('DB_PATH') or 'ratelimiter.db'}"
-
-
 def _describe(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
 
@@ -628,7 +624,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     backup_parser.add_argument("path", nargs="?", help="target file (default: <db>.backup-<timestamp>)")
     sub.add_parser("purge", help="delete expired tokens and request logs past retention")
     args = parser.parse_args(argv)
-    url = args.database_url or database_url_from_env()
+    try:
+        config = Config.from_env()  # the one reading of the environment, shared with the API
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = args.database_url or config.database_url
     command = args.command or "migrate"
     try:
         engine = make_engine(url)
@@ -642,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"backed up to {backup(engine, target)}")
             return 0
         if command == "purge":
-            removed = purge_expired(engine, log_retention_days=int(os.environ.get("LOG_RETENTION_DAYS") or 14))
+            removed = purge_expired(engine, log_retention_days=config.log_retention_days)
             print(", ".join(f"{table}: {count} removed" for table, count in removed.items()))
             return 0
         problems = check(engine) if command == "check" else verify(engine)

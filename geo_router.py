@@ -1,6 +1,7 @@
 """Geographic routing: client IP -> location -> nearest healthy datacenter.
 
-A MaxMind-format City database (``GEOIP_DB_PATH`` or a constructor argument) is opened once.
+A MaxMind-format City database (the ``db_path`` argument, which the balancer fills from its
+config's ``GEOIP_DB_PATH``; this module never reads the environment) is opened once.
 Anything that can go wrong with it (missing, corrupt, wrong type, a bad record) is logged
 once and routing falls back to the configured default datacenter: geo routing is an
 optimisation, never a reason to fail a request.
@@ -12,7 +13,6 @@ import functools
 import ipaddress
 import logging
 import math
-import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +102,7 @@ class GeoRouter:
         if default is not None and default not in names:
             raise ValueError(f"default datacenter {default!r} is not one of {names}")
         self.default = default or (names[0] if names else None)
-        path = db_path if db_path is not None else os.environ.get("GEOIP_DB_PATH")
-        self._reader = reader if reader is not None else open_reader(path)
+        self._reader = reader if reader is not None else open_reader(db_path)
         self._lookup_failed_logged = False
         self.locate = functools.lru_cache(maxsize=cache_size)(self._locate_uncached)
 

@@ -560,7 +560,7 @@ class Balancer:
         self.cache = ResponseCache(config.cache, clock)
         self.geo: GeoRouter | None = None
         if config.datacenters:
-            self.geo = GeoRouter(config.datacenters, config.default_datacenter, config.geoip_db_path or "")
+            self.geo = GeoRouter(config.datacenters, config.default_datacenter, config.geoip_db_path)
         self.env = StrategyEnv(clock, rng or random.Random(), self.geo, config.adaptive_decay_seconds)
         self.strategy: Strategy = STRATEGIES[config.strategy](self.env)
         self.session: ClientSession | None = None

@@ -112,9 +112,9 @@ def affected_rows(conn: sa.Connection, *, key_id: int | None = None,
     """(key rows, user rows) whose effective override changes with one on this key or user."""
     k, u = db.api_keys.c, db.users.c
     if key_id is not None:
-        return conn.execute(sa.select(k.id, k.key_hash).where(k.id == key_id)).all(), []
-    keys = conn.execute(sa.select(k.id, k.key_hash).where(k.user_id == user_id)).all()
-    return keys, conn.execute(sa.select(u.id, u.created_at).where(u.id == user_id)).all()
+        return list(conn.execute(sa.select(k.id, k.key_hash).where(k.id == key_id))), []
+    keys = list(conn.execute(sa.select(k.id, k.key_hash).where(k.user_id == user_id)))
+    return keys, list(conn.execute(sa.select(u.id, u.created_at).where(u.id == user_id)))
 
 
 def publish(svc: Any, subjects: Iterable[str]) -> None:

@@ -755,17 +755,17 @@ class Supervisor:
 
         Children that died earlier had their group killed then; their ids may since belong to others.
         """
-        running = [component for component in reversed(self.components) if component.alive()]
-        for component in running:
-            signal_group(component.process.pid, signal.SIGTERM)
+        running = [(c, c.process) for c in reversed(self.components) if c.process is not None and c.alive()]
+        for _component, process in running:
+            signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while any(c.alive() for c in running) and time.monotonic() < deadline and not self.forced.is_set():
+        while any(c.alive() for c, _process in running) and time.monotonic() < deadline and not self.forced.is_set():
             time.sleep(POLL_SECONDS / 2)
-        for component in running:
+        for component, process in running:
             if component.alive():
                 log.warning("%s did not stop within %.0f s: killing it", component.name, grace)
-            signal_group(component.process.pid, signal.SIGKILL)  # also catches lingering grandchildren
-            component.process.wait()
+            signal_group(process.pid, signal.SIGKILL)  # also catches lingering grandchildren
+            process.wait()
         for component in self.components:
             if component.reader:
                 component.reader.join(timeout=2)

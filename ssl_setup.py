@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -187,7 +188,7 @@ def load_private_key(path: str | Path) -> object:
         raise CertError(f"{path} is not a valid PEM private key") from None
 
 
-def _public_der(key: object) -> bytes:
+def _public_der(key: Any) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

@@ -92,7 +92,7 @@ def wait_port(url: str, proc: subprocess.Popen, headers: dict[str, str] | None =
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited before serving {url}")
+            raise SystemExit(f"{proc.args!r} exited before serving {url}")
         try:
             requests.get(url, headers=headers, timeout=1)
             return

@@ -91,13 +91,21 @@ def parse_latency(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
+def wrk_field(pattern: str, out: str) -> str:
+    """One value from wrk's report; a missing one means wrk's output changed, so say which."""
+    match = re.search(pattern, out, re.M)
+    if match is None:
+        raise SystemExit(f"wrk output has no match for {pattern!r}:\n{out}")
+    return match.group(1)
+
+
 def run_wrk(url: str, keys: list[str], connections: int, seconds: int, script: Path) -> dict[str, float]:
     env = {**os.environ, "BENCH_KEYS": ",".join(keys)}
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
                           url], env=env, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = parse_latency(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
-    p99 = parse_latency(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    rps = float(wrk_field(r"Requests/sec:\s+([\d.]+)", out))
+    p50 = parse_latency(wrk_field(r"^\s+50%\s+(\S+)", out))
+    p99 = parse_latency(wrk_field(r"^\s+99%\s+(\S+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50": p50, "p99": p99, "errors": int(non2xx.group(1)) if non2xx else 0}
 

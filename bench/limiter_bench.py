@@ -29,7 +29,7 @@ from pathlib import Path
 
 import redis
 from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute
-from limits.storage import MemoryStorage, RedisStorage
+from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +40,8 @@ from policy import Limit, Route, parse_policy  # noqa: E402
 LIMIT = 100
 TIERS = {"free": LIMIT}
 LIVE: list[RateLimiter] = []  # our limiters of the current case, checked for a Redis outage afterwards
-LIMITS_STRATEGIES = {
+LimitsStrategy = type[MovingWindowRateLimiter | SlidingWindowCounterRateLimiter | FixedWindowRateLimiter]
+LIMITS_STRATEGIES: dict[str, LimitsStrategy] = {
     "moving_window": MovingWindowRateLimiter,
     "sliding_window_counter": SlidingWindowCounterRateLimiter,
     "fixed_window": FixedWindowRateLimiter,
@@ -124,6 +125,7 @@ def theirs_several(url: str, prefixes: list[str]) -> Callable[[], Callable[[str]
     items = [RateLimitItemPerMinute(LIMIT), RateLimitItemPerHour(10 * LIMIT), RateLimitItemPerDay(100 * LIMIT)]
 
     def setup() -> Callable[[str], object]:
+        storage: Storage
         if url == "memory://":
             storage = MemoryStorage()
         else:
@@ -140,6 +142,7 @@ def theirs(url: str, strategy: str, prefixes: list[str]) -> Callable[[], Callabl
     item = RateLimitItemPerMinute(LIMIT)
 
     def setup() -> Callable[[str], object]:
+        storage: Storage
         if url == "memory://":
             storage = MemoryStorage()
         else:
@@ -255,19 +258,19 @@ def report(rates: dict[tuple[str, str], list[float]], vs_ping: dict[str, list[fl
     print("| store | contender | decisions/s | vs limits moving_window | vs PING (paired) |")
     print("|---|---|---:|---:|---:|")
     for (store, name), rate in median.items():
-        paired = f"{100 * statistics.median(vs_ping[name]):.0f}%" if store == "redis" and name in vs_ping else ""
-        print(f"| {store} | {name} | {rate:,.0f} | {vs_moving_window(store, name):.2f}x | {paired} |")
+        share = f"{100 * statistics.median(vs_ping[name]):.0f}%" if store == "redis" and name in vs_ping else ""
+        print(f"| {store} | {name} | {rate:,.0f} | {vs_moving_window(store, name):.2f}x | {share} |")
     ratio = vs_moving_window("memory", "ours sliding_window")
     print(f"target memory: ours sliding_window / limits moving_window = {ratio:.2f}x (>= 2x: {ratio >= 2})")
     raw = vs_moving_window("redis", "ours sliding_window")
     # On a busy machine the Redis server's scheduling dominates and drifts between runs; dividing the two
     # PING-paired shares compares both at the same load.
-    paired = statistics.median(vs_ping["ours sliding_window"]) / statistics.median(vs_ping["limits moving_window"])
-    print(f"target redis: ours sliding_window / limits moving_window = {paired:.2f}x via paired PING shares "
-          f"({raw:.2f}x unpaired) (>= 2x: {paired >= 2})")
+    ping_ratio = statistics.median(vs_ping["ours sliding_window"]) / statistics.median(vs_ping["limits moving_window"])
+    print(f"target redis: ours sliding_window / limits moving_window = {ping_ratio:.2f}x via paired PING shares "
+          f"({raw:.2f}x unpaired) (>= 2x: {ping_ratio >= 2})")
     for name in ("ours sliding_window", "ours check_request"):
-        share = statistics.median(vs_ping[name])
-        print(f"target redis: {name} = {100 * share:.0f}% of PING (>= 60%: {share >= 0.6})")
+        of_ping = statistics.median(vs_ping[name])
+        print(f"target redis: {name} = {100 * of_ping:.0f}% of PING (>= 60%: {of_ping >= 0.6})")
     for store in ("memory", "redis"):
         def paired(a: str, b: str, store: str = store) -> float:
             return statistics.median(x / y for x, y in zip(rates[(store, a)], rates[(store, b)], strict=False))

@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import os
 
-from flask import Flask, abort, jsonify, request
+from flask import Flask, Response, abort, jsonify, request
 
 MODE = os.environ.get("PEER_MODE", "flask_limiter")
 KEYS = {hashlib.sha256(k.encode()).hexdigest(): k[:11] for k in os.environ.get("PEER_KEYS", "").split(",") if k}
@@ -33,7 +33,7 @@ def current_key_prefix() -> str:
     return prefix
 
 
-def data() -> object:
+def data() -> Response:
     prefix = current_key_prefix()
     return jsonify(data={"message": "sample", "served_at": dt.datetime.now(dt.UTC).isoformat(),
                          "key_prefix": prefix}, tier="enterprise")

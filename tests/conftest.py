@@ -11,17 +11,18 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # conftest runs first: put the project on sys.path
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
-from tests.services import REDIS_URL, fresh_postgres_database, require_redis  # noqa: E402
+from tests.services import REDIS_URL, FakeClock, Inbox, free_port, fresh_postgres_database, require_redis  # noqa: E402
 
 pytest_plugins = ["tests.redis_servers"]  # session fixtures: a private Redis Cluster and Sentinel set
 
@@ -31,19 +32,6 @@ ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 # the root logger would print that between test results.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 PASSWORD = "correct horse battery"
-
-
-class FakeClock:
-    """A settable clock: tests move time instead of sleeping through windows."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_config(tmp_path: Path, **overrides: Any) -> Config:
@@ -115,10 +103,26 @@ def client(app):
 
 
 class AuthActions:
-    """Register users, sign in, create keys, and build headers, as a client would."""
+    """Register users, sign in, create keys, and build headers, as a client would.
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    Bound to the ``client`` fixture on first use (so tests that build their own app never
+    build the default one); ``auth.on(client)`` gives the same helpers for another client.
+    """
+
+    def __init__(self, client: Any = None, default: Callable[[], Any] | None = None) -> None:
+        self._bound = client
+        self._default = default
+
+    @property
+    def _client(self) -> Any:
+        if self._bound is None:
+            assert self._default is not None, "AuthActions needs a client"
+            self._bound = self._default()
+        return self._bound
+
+    def on(self, client: Any) -> AuthActions:
+        """The same helpers against ``client`` (an app the test built itself)."""
+        return AuthActions(client)
 
     def register(self, username: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
         username = username or f"user_{uuid.uuid4().hex[:8]}"
@@ -154,8 +158,27 @@ class AuthActions:
 
 
 @pytest.fixture
-def auth(client) -> AuthActions:
-    return AuthActions(client)
+def auth(request: pytest.FixtureRequest) -> AuthActions:
+    return AuthActions(default=lambda: request.getfixturevalue("client"))
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Callable[..., tuple[Inbox, int]]]:
+    """Factory starting an aiosmtpd server on a free loopback port; every server is stopped afterwards."""
+    from aiosmtpd.controller import Controller
+
+    controllers: list[Any] = []
+
+    def start(**kwargs: Any) -> tuple[Inbox, int]:
+        inbox, port = Inbox(), free_port()
+        controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
+        controller.start()
+        controllers.append(controller)
+        return inbox, port
+
+    yield start
+    for controller in controllers:
+        controller.stop()
 
 
 class LiveServer:

@@ -6,20 +6,31 @@ CI promises these services and a silent skip would hide a broken environment.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]  # the project checkout the tests run against
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# How .ci/run starts the shared Redis; fault tests that stop it start it again the same way.
+SHARED_REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
+                      "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
+                      "--logfile", "/var/log/redis/ci.log"]
 
 
 def unavailable(what: str) -> None:
@@ -78,6 +89,27 @@ def fresh_postgres_database(url: str = POSTGRES_URL) -> tuple[str, callable]:
     return db_url, drop
 
 
+def start_private_redis(port: int, folder: Path) -> tuple[subprocess.Popen, Any]:
+    """A redis-server of the test's own on ``port`` (the shared one is never stopped), once it answers.
+
+    Returns (process, client); the caller terminates the process."""
+    import redis
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+    wait_until(answers, 5, interval=0.05, message=f"private redis-server on port {port} did not start")
+    return server, client
+
+
 def require_chromium() -> str:
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         unavailable(f"Chromium at {CHROMIUM}")
@@ -90,10 +122,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep)."""
+class Inbox:
+    """aiosmtpd handler that keeps every message it accepts (the ``smtp_server`` fixture's mailbox)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd hook
+        self.envelopes.append(envelope)
+        return "250 Message accepted"
+
+    def messages(self) -> list[EmailMessage]:
+        return [email.message_from_bytes(e.original_content, policy=email.policy.default) for e in self.envelopes]
+
+
+class FakeClock:
+    """A settable clock: tests move time instead of sleeping through windows."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01,
+               message: str | None = None) -> bool:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep).
+
+    Returns True, so ``assert wait_until(...)`` reads as the claim it checks."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.01)
+            pytest.fail(message or f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return True
+
+
+def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 30.0, status: int | None = 200,
+                  output: Callable[[], str] | None = None) -> None:
+    """Poll ``url`` until it answers (with ``status`` unless None); fail at once if ``proc`` exits first.
+
+    ``output`` describes what the process printed, for the failure message."""
+    import requests
+
+    def answered() -> bool:
+        if proc is not None and proc.poll() is not None:
+            said = output() if output is not None else ""
+            pytest.fail(f"{proc.args!r} exited ({proc.returncode}) before {url} answered: {said}")
+        try:
+            code = requests.get(url, timeout=1).status_code
+        except requests.RequestException:
+            return False
+        return status is None or code == status
+    wait_until(answered, timeout, interval=0.05, message=f"{url} did not answer {status or ''} within {timeout} s")

@@ -8,13 +8,11 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
 import database as db
 from tests.conftest import ADMIN_TOKEN
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 ADMIN_BODIES = {
     "/admin/upgrade_tier": {"user_id": 1, "tier": "basic"},
@@ -182,7 +180,7 @@ def test_metrics_and_usage_after_known_traffic(client, auth):
 
 def test_429_storm_raises_a_rate_limit_spike_alert(make_app, auth):
     client = make_app(abuse_429_storm=3).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     for _ in range(8):
         client.get("/data", headers={"X-API-Key": key["api_key"]})
@@ -209,43 +207,16 @@ def test_credential_stuffing_can_auto_ban_the_ip(make_app, auth):
 
 # --- e-mail through a real SMTP server ---
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
-        self.messages.append(envelope)
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp_inbox():
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield controller, inbox
-    controller.stop()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
-    controller, inbox = smtp_inbox
-    client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=controller.port, smtp_use_tls=False,
+def test_admin_action_sends_an_email(make_app, auth, smtp_server):
+    inbox, port = smtp_server()
+    client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=port, smtp_use_tls=False,
                       alert_email_to=["ops@example.com", "sec@example.com"], email_from="limiter@example.com",
                       use_clock=False).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     client.post("/admin/block_key", json={"key_id": key["id"], "reason": "scraping"}, headers=auth.admin)
-    assert wait_for(lambda: len(inbox.messages) == 1)
-    message = inbox.messages[0]
+    assert wait_until(lambda: len(inbox.envelopes) == 1)
+    message = inbox.envelopes[0]
     assert sorted(message.rcpt_tos) == ["ops@example.com", "sec@example.com"]
     assert message.mail_from == "limiter@example.com"
     text = message.content.decode()
@@ -256,7 +227,7 @@ def test_admin_action_sends_an_email(make_app, auth, smtp_inbox):
 def test_dead_smtp_server_does_not_slow_requests(make_app, auth):
     client = make_app(email_enabled=True, smtp_host="127.0.0.1", smtp_port=free_port(), smtp_use_tls=False,
                       alert_email_to=["ops@example.com"], use_clock=False).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     started = time.perf_counter()
     response = client.post("/admin/block_key", json={"key_id": key["id"]}, headers=auth.admin)
@@ -264,4 +235,4 @@ def test_dead_smtp_server_does_not_slow_requests(make_app, auth):
     assert response.status_code == 200
     assert elapsed < 0.5, f"blocking took {elapsed:.3f}s with a dead SMTP server"
     notifier = client.application.extensions["rl"].notifier
-    assert wait_for(lambda: notifier.stats()["failed"] == 1, timeout=30)
+    assert wait_until(lambda: notifier.stats()["failed"] == 1, timeout=30)

@@ -14,9 +14,8 @@ import pytest
 import requests
 
 from tests.leak_probe import admin_views, files_under, leaks, send_credentials
-from tests.services import free_port
+from tests.services import ROOT, free_port, wait_for_http
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "entry-point-test-secret-0123456789abcdef"
 
 
@@ -78,18 +77,6 @@ def test_busy_port_gives_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError("the API did not become healthy")
-
-
 def test_python_app_serves_and_flushes_on_sigterm(tmp_path):
     port = free_port()
     env = base_env(tmp_path, JWT_SECRET_KEY=SECRET, ADMIN_TOKEN="entry-admin", ANALYTICS_FLUSH_SECONDS="3600")
@@ -97,7 +84,7 @@ def test_python_app_serves_and_flushes_on_sigterm(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(url, proc)
+        wait_for_http(f"{url}/health", proc, output=proc.stderr.read)
         token = requests.post(f"{url}/auth/register", json={"username": "entry", "password": "password123"},
                               timeout=10).json()["access_token"]
         key = requests.post(f"{url}/auth/create_api_key", json={}, headers={"Authorization": f"Bearer {token}"},
@@ -163,7 +150,7 @@ def test_python_app_logs_no_key_or_token(tmp_path, socketio):
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_health(f"http://127.0.0.1:{port}", proc)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, output=proc.stderr.read)
         sent = send_credentials(f"http://127.0.0.1:{port}", admin)
         views = admin_views(f"http://127.0.0.1:{port}", admin)
     finally:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, PASSWORD
-from tests.services import REDIS_URL, free_port, require_redis
+from tests.services import REDIS_URL, ROOT, free_port, require_redis, wait_for_http
 
-ROOT = Path(__file__).resolve().parents[1]
 STORES = ["memory", "redis"]
 
 
@@ -33,7 +31,7 @@ def get_data(client, key, **headers):
 
 def test_data_carries_rate_limit_headers(make_app, auth, clock, store):
     client = make_app(store=store).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     response = get_data(client, key["api_key"])
     assert response.status_code == 200
@@ -48,7 +46,7 @@ def test_data_carries_rate_limit_headers(make_app, auth, clock, store):
 
 def test_free_tier_admits_exactly_five_then_429_with_contract_body(make_app, auth, clock, store):
     client = make_app(store=store).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     statuses = []
     for _ in range(5):
@@ -65,7 +63,7 @@ def test_free_tier_admits_exactly_five_then_429_with_contract_body(make_app, aut
 
 def test_window_slides_exactly(make_app, auth, clock, store):
     client = make_app(store=store).test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     start = clock.now
     for _ in range(5):
@@ -80,7 +78,7 @@ def test_window_slides_exactly(make_app, auth, clock, store):
 
 def test_rejected_requests_do_not_count(make_app, auth, clock):
     client = make_app().test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     start = clock.now
     for _ in range(5):
@@ -94,7 +92,7 @@ def test_rejected_requests_do_not_count(make_app, auth, clock):
 
 def test_each_key_has_its_own_budget(make_app, auth):
     client = make_app().test_client()
-    auth._client = client
+    auth = auth.on(client)
     user, first = auth.user_with_key()
     second = auth.create_key(user["access_token"])
     for _ in range(5):
@@ -132,7 +130,7 @@ def test_usage_reads_without_consuming(client, auth):
 
 def test_tier_change_applies_next_request_and_keeps_counted_requests(make_app, auth, store):
     client = make_app(store=store).test_client()
-    auth._client = client
+    auth = auth.on(client)
     user, key = auth.user_with_key()
     for _ in range(5):
         get_data(client, key["api_key"])
@@ -151,7 +149,7 @@ def test_block_is_seen_by_every_instance_on_the_next_request(make_app, auth):
     prefix = first.extensions["rl"].config.key_prefix
     second = make_app(store="redis", key_prefix=prefix)
     c1, c2 = first.test_client(), second.test_client()
-    auth._client = c1
+    auth = auth.on(c1)
     _, key = auth.user_with_key()
     assert get_data(c2, key["api_key"]).status_code == 200  # second instance caches the key
     assert c1.post("/admin/block_key", json={"prefix": key["prefix"]}, headers=auth.admin).status_code == 200
@@ -241,7 +239,7 @@ def dead_redis_url() -> str:
 def test_unreachable_store_follows_fail_mode(make_app, auth, mode, expected):
     app = make_app(storage_url=dead_redis_url(), fail_mode=mode)
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     if mode == "closed":
         response = client.post("/auth/register", json={"username": "nobody", "password": PASSWORD})
         assert response.status_code == 503 and response.get_json()["error"] == "limiter_unavailable"
@@ -255,7 +253,7 @@ def test_unreachable_store_follows_fail_mode(make_app, auth, mode, expected):
 
 def test_memory_fallback_still_limits(make_app, auth):
     client = make_app(storage_url=dead_redis_url(), fail_mode="memory").test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     statuses = [get_data(client, key["api_key"]).status_code for _ in range(6)]
     assert statuses == [200] * 5 + [429]
@@ -271,20 +269,6 @@ def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> s
              "5", "--no-control-socket", "app:app"],
             cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True,
         )
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become healthy")
 
 
 @pytest.mark.slow
@@ -303,7 +287,7 @@ def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_healthy(url, proc, log)
+            wait_for_http(f"{url}/health", proc, 60, output=lambda log=log: log.read_text()[-2000:])
         for round_number in range(3):
             user = requests.post(f"{urls[0]}/auth/register", timeout=10,
                                  json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})

@@ -13,9 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 import database as db
-from tests.services import fresh_postgres_database
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT, fresh_postgres_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -313,6 +311,40 @@ def test_cli_unknown_command_exits_non_zero(tmp_path):
     result = run_cli("explode", cwd=tmp_path)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name,value", [("LOG_RETENTION_DAYS", "abc"), ("LOG_RETENTION_DAYS", "0"),
+                                        ("IP_RATE_LIMIT", "many")])
+def test_cli_bad_setting_gives_one_line_and_non_zero_exit(tmp_path, name, value):
+    """The CLI reads the environment through Config, so a bad value is the same one-line error as the API's."""
+    env = {"PATH": "/usr/bin:/bin", "DB_PATH": str(tmp_path / "cli.db"), name: value}
+    result = subprocess.run([sys.executable, str(ROOT / "database.py"), "purge"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {name} must be") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cli.db").exists()
+
+
+def test_cli_purge_uses_log_retention_days_from_config(tmp_path):
+    url = f"sqlite:///{tmp_path / 'purge.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    old = db.utcnow() - dt.timedelta(days=3)
+    with engine.begin() as conn:
+        conn.execute(db.request_logs.insert().values(timestamp=old, level="INFO", method="GET", path="/x",
+                                                     status=200, duration_ms=1.0))
+    engine.dispose()
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": url, "LOG_RETENTION_DAYS": "5"}
+    kept = subprocess.run([sys.executable, str(ROOT / "database.py"), "purge"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert kept.returncode == 0, kept.stderr
+    assert "request_logs: 0 removed" in kept.stdout
+    env["LOG_RETENTION_DAYS"] = "2"
+    removed = subprocess.run([sys.executable, str(ROOT / "database.py"), "purge"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert "request_logs: 1 removed" in removed.stdout
 
 
 def test_cli_uses_db_path_from_environment(tmp_path):

@@ -16,21 +16,18 @@ import time
 import pytest
 import redis as redis_lib
 
-from tests.services import POSTGRES_URL, REDIS_URL, port_open, require_postgres, require_redis
+from tests.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    SHARED_REDIS_START,
+    port_open,
+    require_postgres,
+    require_redis,
+    wait_until,
+)
 
 pytestmark = pytest.mark.fault
 
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-               "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def redis_up() -> bool:
@@ -43,13 +40,13 @@ def redis_up() -> bool:
 def stop_redis() -> None:
     subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], capture_output=True,
                    timeout=10)
-    assert wait_until(lambda: not port_open("127.0.0.1", 6379)), "Redis did not stop"
+    wait_until(lambda: not port_open("127.0.0.1", 6379), 30, message="Redis did not stop")
 
 
 def start_redis() -> None:
     if not redis_up():
-        subprocess.run(REDIS_START, capture_output=True, timeout=30)
-    assert wait_until(redis_up), "Redis did not come back"
+        subprocess.run(SHARED_REDIS_START, capture_output=True, timeout=30)
+    wait_until(redis_up, 30, message="Redis did not come back")
 
 
 def postgres_cluster() -> list[str]:
@@ -102,19 +99,19 @@ def test_redis_restart_under_load_follows_the_fail_mode(make_app, auth, mode):
     app = make_app(store="redis", fail_mode=mode, use_clock=False, tier_limits={"free": 1_000_000, "basic": 20,
                                                                                   "premium": 100, "enterprise": 1000})
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         with Load(app, key["api_key"]) as load:
-            assert wait_until(lambda: len(load.statuses) > 20)
+            assert wait_until(lambda: len(load.statuses) > 20, 30)
             stop_redis()
             outage_start = len(load.statuses)
-            assert wait_until(lambda: len(load.statuses) > outage_start + 40)
+            assert wait_until(lambda: len(load.statuses) > outage_start + 40, 30)
             health = client.get("/health")
             assert health.status_code == 503 and health.get_json()["checks"]["limiter_store"] == "degraded"
             start_redis()
-            recovered = wait_until(lambda: client.get("/health").status_code == 200, timeout=60)
-            assert recovered, "the limiter did not re-probe Redis and recover"
+            wait_until(lambda: client.get("/health").status_code == 200, timeout=60,
+                       message="the limiter did not re-probe Redis and recover")
             during = load.statuses[outage_start:]
     finally:
         start_redis()
@@ -128,7 +125,7 @@ def test_redis_restart_under_load_follows_the_fail_mode(make_app, auth, mode):
     # limits are exact again once Redis is back (a new free key, limit restored to 5)
     exact = make_app(store="redis", fail_mode=mode, use_clock=False)
     exact_client = exact.test_client()
-    auth._client = exact_client
+    auth = auth.on(exact_client)
     assert exactness_probe(exact_client, auth) == [200] * 5 + [429] * 3
 
 
@@ -138,15 +135,15 @@ def test_postgres_restart_under_load_recovers(make_app, auth):
     app = make_app(backend="postgres", use_clock=False,
                    tier_limits={"free": 1_000_000, "basic": 20, "premium": 100, "enterprise": 1000})
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         with Load(app, key["api_key"], threads=3) as load:
-            assert wait_until(lambda: len(load.statuses) > 20)
+            assert wait_until(lambda: len(load.statuses) > 20, 30)
             subprocess.run([*cluster, "restart", "-m", "fast"], capture_output=True, timeout=120, check=True)
             assert wait_until(lambda: port_open("127.0.0.1", 5432), timeout=60)
             after = len(load.statuses)
-            assert wait_until(lambda: len(load.statuses) > after + 20)
+            assert wait_until(lambda: len(load.statuses) > after + 20, 30)
     finally:
         subprocess.run([*cluster, "start"], capture_output=True, timeout=120)
         wait_until(lambda: port_open("127.0.0.1", 5432), timeout=60)
@@ -168,7 +165,7 @@ def test_store_outage_never_leaks_a_traceback(make_app, auth):
     require_redis()
     app = make_app(store="redis", fail_mode="closed", use_clock=False)
     client = app.test_client()
-    auth._client = client
+    auth = auth.on(client)
     _, key = auth.user_with_key()
     try:
         stop_redis()

@@ -117,9 +117,28 @@ def test_no_database_configured_routes_to_default(monkeypatch: pytest.MonkeyPatc
     assert router.nearest(LONDON).name == "us-west"
 
 
-def test_geoip_db_path_environment_variable_is_used(city_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_router_reads_its_database_path_from_its_argument_not_the_environment(
+    city_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Configuration is read once by the config module; the router only takes what it is given."""
     monkeypatch.setenv("GEOIP_DB_PATH", str(city_db))
-    assert GeoRouter(DATACENTERS, default="us-west").nearest(LONDON).name == "eu-west"
+    assert not GeoRouter(DATACENTERS, default="us-west").has_database
+    assert GeoRouter(DATACENTERS, default="us-west", db_path=str(city_db)).nearest(LONDON).name == "eu-west"
+
+
+def test_geoip_db_path_from_balancer_config_reaches_the_router(city_db: Path) -> None:
+    """GEOIP_DB_PATH is read by lb_config.load_config and handed to the router by the balancer."""
+    from lb_config import load_config
+    from load_balancer import Balancer, parse_args
+
+    env = {
+        "LB_BACKENDS": "http://127.0.0.1:9",
+        "LB_DATACENTERS": '[{"name": "eu-west", "lat": 51.5, "lon": -0.1, '
+                          '"backends": ["http://127.0.0.1:9"]}]',
+        "GEOIP_DB_PATH": str(city_db),
+    }
+    balancer = Balancer(load_config(parse_args([]), env))
+    assert balancer.geo is not None and balancer.geo.has_database
 
 
 @pytest.mark.skipif(not bad_databases(), reason="needs ../shared corrupt test databases")

@@ -22,7 +22,7 @@ def create(client, auth, token, **body):
 @pytest.mark.parametrize("store", ["memory", "redis"])
 def test_a_key_expires_at_the_exact_second(make_app, auth, clock, store):
     client = make_app(store=store).test_client()
-    auth._client = client
+    auth = auth.on(client)
     user = auth.register()
     expires = clock.now + 100
     response = create(client, auth, user["access_token"], expires_at=iso(expires))

@@ -8,15 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 from playwright.sync_api import expect
-from services import free_port
 from test_mock_backends import mock_backends, stop, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT, free_port
+
 TOKEN = "dashboard-test-token"
 
 

@@ -31,10 +31,10 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from services import free_port
 
 from lb_config import BackendSpec, CacheConfig, HealthCheckConfig, LBConfig
 from load_balancer import GuardedRunner, build_app
+from tests.services import free_port
 
 BUFFER_BYTES = 64  # small, so both the buffered and the streamed body paths are exercised
 NOT_COMPARED = frozenset(

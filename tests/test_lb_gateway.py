@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from services import free_port
 from test_load_balancer import async_test, make_config, running_lb
 from test_mock_backends import mock_backends
 
 from lb_config import ConfigError, load_config
 from load_balancer import parse_args
+from tests.services import free_port
 
 ADMITTED_HEADERS = {
     "X-Auth-User-Id": "42",

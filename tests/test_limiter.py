@@ -16,13 +16,13 @@ import threading
 import time
 import types
 import uuid
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -33,25 +33,18 @@ from limiter import (  # noqa: E402
     RateLimiter,
     StoreUnavailable,
 )
-from tests.services import REDIS_URL, free_port, require_redis, wait_until  # noqa: E402
+from tests.services import (  # noqa: E402
+    REDIS_URL,
+    SHARED_REDIS_START,
+    FakeClock,
+    free_port,
+    require_redis,
+    start_private_redis,
+    wait_until,
+)
 
 T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
-REDIS_RESTART = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-                 "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
-
-
-class Clock:
-    """Settable clock: tests move time instead of sleeping."""
-
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
@@ -66,8 +59,8 @@ def store_url(request) -> str:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -597,7 +590,7 @@ def test_outage_probe_backs_off_and_recovers_with_pending_writes(clock, tmp_path
 @pytest.mark.fault
 def test_real_redis_outage_under_load_then_exact_again():
     client = require_redis()
-    clock = Clock(time.time())
+    clock = FakeClock(time.time())
     prefix = f"t{uuid.uuid4().hex[:10]}"
     rl = RateLimiter(REDIS_URL, tier_limits=TIERS, clock=clock, key_prefix=prefix, fail_mode="memory")
     errors: list[BaseException] = []
@@ -620,7 +613,7 @@ def test_real_redis_outage_under_load_then_exact_again():
         time.sleep(0.5)
         assert rl.health() == "degraded"
     finally:
-        subprocess.run(REDIS_RESTART, check=True)
+        subprocess.run(SHARED_REDIS_START, check=True)
     for _ in range(100):
         try:
             client.ping()
@@ -718,8 +711,6 @@ def test_writes_queued_while_replaying_are_not_lost(clock):
 
 
 def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed")
     port = free_port()
     server, client = start_private_redis(port, tmp_path)
     try:
@@ -742,22 +733,6 @@ def test_health_probes_an_idle_store_at_most_once_per_second(clock, tmp_path):
         if server.poll() is None:
             server.terminate()
             server.wait(timeout=10)
-
-
-def start_private_redis(port: int, tmp_path) -> tuple[subprocess.Popen, object]:
-    """A redis-server of the test's own on ``port`` (the shared one is never stopped), once it answers."""
-    import redis
-
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)  # waiting for a server to start, not for a window
-    return server, client
 
 
 class FakeRedis:

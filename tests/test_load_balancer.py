@@ -31,7 +31,6 @@ import pytest
 import requests
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from services import free_port
 from test_geo_router import DATACENTERS, LONDON, MILTON, SHARED_GEOIP, SINGAPORE, build_city_db
 from test_mock_backends import mock_backends, stop, wait_ready
 
@@ -56,8 +55,8 @@ from load_balancer import (
     hrw_score,
     parse_args,
 )
+from tests.services import ROOT, FakeClock, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 0.25
 
 
@@ -69,16 +68,6 @@ def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         asyncio.run(fn(*args, **kwargs))
 
     return wrapper
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_config(
@@ -321,7 +310,7 @@ async def test_killed_backend_is_ejected_and_no_idempotent_request_fails(backend
 
 @async_test
 async def test_passive_ejection_grows_each_time(backends: list[str]) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     dead = closed_port_url()
     ejection = EjectionConfig(max_failures=2, base_seconds=5, max_seconds=60)
     cfg = make_config([dead, backends[0]], ejection=ejection, checks=False)
@@ -514,7 +503,7 @@ async def test_large_upload_is_streamed_to_the_backend(backends: list[str]) -> N
 
 @async_test
 async def test_cache_serves_max_age_responses_until_they_expire(backends: list[str]) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     async with running_lb(make_config(backends), clock=clock) as h:
         path = "/item?cache_control=max-age=30"
         _, first_headers, first = await h.get(path)
@@ -580,7 +569,7 @@ async def test_request_no_cache_refetches_and_no_store_bypasses(backends: list[s
 def test_cache_is_lru_bounded_by_entries_and_bytes() -> None:
     from multidict import CIMultiDict
 
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     cache = ResponseCache(CacheConfig(max_entries=2, max_bytes=100, max_entry_bytes=80), clock)
     headers = CIMultiDict({"Cache-Control": "max-age=60"})
     for key in ("a", "b"):

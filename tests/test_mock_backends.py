@@ -9,29 +9,19 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import requests
-from services import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT, free_port, wait_for_http
 
 
 def wait_ready(urls: Sequence[str], proc: subprocess.Popen[str], timeout: float = 15.0) -> None:
-    """Poll every URL until it answers, bounded by ``timeout``; fail fast if ``proc`` exits."""
+    """Every URL answers (any status), bounded by ``timeout``; fail fast if ``proc`` exits."""
     deadline = time.monotonic() + timeout
-    pending = list(urls)
-    while pending:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready after {timeout}s: {pending}")
-        try:
-            requests.get(pending[0], timeout=0.5)
-            pending.pop(0)
-        except requests.ConnectionError:
-            time.sleep(0.05)
+    for url in urls:
+        wait_for_http(url, proc, max(0.0, deadline - time.monotonic()), status=None,
+                      output=lambda: proc.stderr.read() if proc.stderr else "")
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
 import ipaddress
 import logging
 import ssl
@@ -14,7 +12,6 @@ from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,20 +28,6 @@ PASSWORD = "s3cret-Pa55word"
 TO = ["ops@example.test", "security@example.test"]
 # aiosmtpd warns whenever AUTH is allowed without STARTTLS; these tests do that on purpose.
 allow_auth_without_starttls = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
-
-
-class Inbox:
-    """aiosmtpd handler that keeps every message it accepts."""
-
-    def __init__(self) -> None:
-        self.envelopes: list = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd hook name
-        self.envelopes.append(envelope)
-        return "250 Message accepted"
-
-    def messages(self) -> list[EmailMessage]:
-        return [email.message_from_bytes(e.original_content, policy=email.policy.default) for e in self.envelopes]
 
 
 def accept_credentials(server, session, envelope, mechanism, auth_data) -> AuthResult:
@@ -86,23 +69,6 @@ def tls_contexts(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.load_cert_chain(cert_path, key_path)
     client = ssl.create_default_context(cafile=str(cert_path))
     return server, client
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[Callable[..., tuple[Inbox, int]]]:
-    """Factory starting an aiosmtpd server on a free loopback port; every server is stopped afterwards."""
-    controllers: list[Controller] = []
-
-    def start(**kwargs) -> tuple[Inbox, int]:
-        inbox, port = Inbox(), free_port()
-        controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
-        controller.start()
-        controllers.append(controller)
-        return inbox, port
-
-    yield start
-    for controller in controllers:
-        controller.stop()
 
 
 def make_config(port: int, **changes) -> Config:

@@ -11,8 +11,7 @@ import pytest
 
 from config import DEFAULT_TIER_LIMITS, ConfigError
 from policy import Limit, PolicyError, Rate, default_policy, load_policy, parse_rate
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.services import ROOT
 
 
 @pytest.mark.parametrize(("text", "rate"), [

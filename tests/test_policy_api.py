@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_notifier import smtp_server  # noqa: F401  (fixture)
-
 STORES = ["memory", "redis"]
 TWO_LIMITS = """
 [tiers]
@@ -30,7 +28,7 @@ def policy_app(make_app, tmp_path: Path, text: str, **kwargs):
 
 def client_and_key(application, auth):
     client = application.test_client()
-    auth._client = client
+    auth = auth.on(client)
     user, key = auth.user_with_key()
     return client, key, user
 
@@ -249,8 +247,8 @@ def test_a_two_limit_policy_is_exact_across_gunicorn_workers_and_instances(tmp_p
     import requests
 
     from tests.conftest import ADMIN_TOKEN, PASSWORD
-    from tests.services import REDIS_URL, free_port, require_redis
-    from tests.test_app_limits import start_gunicorn, wait_healthy
+    from tests.services import REDIS_URL, free_port, require_redis, wait_for_http
+    from tests.test_app_limits import start_gunicorn
 
     require_redis()
     policy = tmp_path / "policy.toml"
@@ -268,7 +266,7 @@ def test_a_two_limit_policy_is_exact_across_gunicorn_workers_and_instances(tmp_p
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_healthy(url, proc, log)
+            wait_for_http(f"{url}/health", proc, 60, output=lambda log=log: log.read_text()[-2000:])
         user = requests.post(f"{urls[0]}/auth/register", timeout=10,
                              json={"username": f"pol{uuid.uuid4().hex[:6]}", "password": PASSWORD})
         token = user.json()["access_token"]

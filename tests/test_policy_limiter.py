@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from limiter import STRATEGIES, US, RateLimiter
 from policy import Limit, Route, parse_policy
-from tests.services import REDIS_URL, require_redis
+from tests.services import REDIS_URL, FakeClock, require_redis
 
 T0 = 1_800_000_000.0
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
@@ -26,14 +26,6 @@ RULE_SETS = {"two_limits": RULES, "one_limit": SIMPLE}
 ROUTES = [None, Route(1, "*", "/r", 1, False, (Limit("route1-20s", 2, 20),)),
           Route(2, "*", "/s", 1, False, (Limit("route2-20s", 1, 20, shadow=True),))]
 OVERRIDES = [(), (Limit("override-10s", 4, 10),), (Limit("override-30s", 2, 30), Limit("override-minute", 6, 60))]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --------------------------------------------------------------------------- the model
@@ -112,7 +104,7 @@ OPS = st.lists(st.one_of(
 ), min_size=1, max_size=60)
 
 
-def run_against_model(limiter: RateLimiter, clock: Clock, strategy: str, ops: list) -> None:
+def run_against_model(limiter: RateLimiter, clock: FakeClock, strategy: str, ops: list) -> None:
     model = Model(strategy, limiter.rules)
     limiter.set_meta("k:1", tier="free", blocked=False)
     for step, (op, a, b) in enumerate(ops):
@@ -142,7 +134,7 @@ def run_against_model(limiter: RateLimiter, clock: Clock, strategy: str, ops: li
                 assert decision.credits == model.credits, context
 
 
-def make_limiter(url: str, strategy: str, clock: Clock, rules=RULES) -> RateLimiter:
+def make_limiter(url: str, strategy: str, clock: FakeClock, rules=RULES) -> RateLimiter:
     return RateLimiter(url, strategy, tier_limits=TIERS, window=BASE_WINDOW, clock=clock, rules=rules,
                        key_prefix=f"t{uuid.uuid4().hex[:10]}")
 
@@ -152,7 +144,7 @@ def make_limiter(url: str, strategy: str, clock: Clock, rules=RULES) -> RateLimi
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_memory_decisions_match_the_model(strategy, rules, ops):
-    clock = Clock()
+    clock = FakeClock(T0)
     limiter = make_limiter("memory://", strategy, clock, RULE_SETS[rules])
     run_against_model(limiter, clock, strategy, ops)
 
@@ -163,7 +155,7 @@ def test_memory_decisions_match_the_model(strategy, rules, ops):
 @given(ops=OPS)
 def test_redis_decisions_match_the_model(strategy, rules, ops):
     require_redis()
-    clock = Clock()
+    clock = FakeClock(T0)
     limiter = make_limiter(REDIS_URL, strategy, clock, RULE_SETS[rules])
     try:
         run_against_model(limiter, clock, strategy, ops)
@@ -214,7 +206,7 @@ def test_a_policy_decision_is_one_redis_round_trip(monkeypatch):
     require_redis()
     import limiter as limiter_module
 
-    limiter = make_limiter(REDIS_URL, "sliding_window", Clock())
+    limiter = make_limiter(REDIS_URL, "sliding_window", FakeClock(T0))
     try:
         limiter.set_meta("k:1", tier="free", blocked=False)
         limiter.check_policy("1.2.3.4", "k:1", route=ROUTES[1], cost=2)  # the script is loaded
@@ -246,9 +238,9 @@ def test_default_path_diverts_to_the_policy_only_for_subjects_with_an_override()
 
 
 def test_a_one_limit_policy_takes_the_single_limit_path():
-    limiter = make_limiter("memory://", "sliding_window", Clock(), SIMPLE)
+    limiter = make_limiter("memory://", "sliding_window", FakeClock(T0), SIMPLE)
     assert limiter._simple and limiter.tier_limits["free"] == 3
-    assert not make_limiter("memory://", "sliding_window", Clock(), RULES)._simple
+    assert not make_limiter("memory://", "sliding_window", FakeClock(T0), RULES)._simple
 
 
 def test_a_fixed_window_count_made_just_before_the_bucket_ends_outlives_it_in_redis():
@@ -256,7 +248,7 @@ def test_a_fixed_window_count_made_just_before_the_bucket_ends_outlives_it_in_re
     TTL, so the next request of the same bucket (by the app's clock) found nothing (Hypothesis found
     it as a flaky admit). The key now lives a second past the bucket; the stored bucket ends it."""
     client = require_redis()
-    clock = Clock()
+    clock = FakeClock(T0)
     limiter = make_limiter(REDIS_URL, "fixed_window", clock, SIMPLE)
     try:
         limiter.set_meta("k:1", tier="free", blocked=False)

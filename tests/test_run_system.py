@@ -19,9 +19,8 @@ import sqlalchemy as sa
 
 import run_system
 from tests.leak_probe import files_under, leaks, send_credentials
-from tests.services import free_port, fresh_postgres_database, port_open, require_redis
+from tests.services import ROOT, free_port, fresh_postgres_database, port_open, require_redis, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_system.py"
 # Settings a developer's shell might carry that would change what the system under test uses.
 SCRUBBED = ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN", "JWT_SECRET_KEY", "FLASK_ENV", "WEB_CONCURRENCY", "PORT")
@@ -353,14 +352,6 @@ def test_redis_flag_is_passed_to_the_api_as_its_shared_store(launch, full_ports)
     assert requests.get(f"http://127.0.0.1:{api}/api/metrics", timeout=10).json()["limiter_store"] == "redis"
 
 
-def wait_ports_closed(ports: list[int], timeout: float = 20.0) -> list[int]:
-    """Poll until nothing listens on ``ports``; return those still open at the deadline."""
-    deadline = time.monotonic() + timeout
-    while (still_open := [port for port in ports if port_open("127.0.0.1", port)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return still_open
-
-
 @pytest.mark.slow
 def test_children_stop_when_run_system_itself_is_killed(launch, full_ports) -> None:
     api, lb, backends = full_ports
@@ -368,7 +359,9 @@ def test_children_stop_when_run_system_itself_is_killed(launch, full_ports) -> N
     system.table()
     system.proc.kill()  # no chance to clean up: the children's parent-death signal must do it
     system.proc.wait()
-    assert wait_ports_closed([api, lb, *backends]) == []
+    ports = [api, lb, *backends]
+    wait_until(lambda: not any(port_open("127.0.0.1", port) for port in ports), 20,
+               message=f"still listening: {[port for port in ports if port_open('127.0.0.1', port)]}")
 
 
 def kill_until_given_up(system: System, name: str, first_pid: int, timeout: float = 60.0) -> int:

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.services import ROOT
+
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 FREE_LIMIT = 5
 TIMEOUT_MS = 10_000
