@@ -103,13 +103,15 @@ def flood_ours(url: str, cache: bool) -> float:
                      refusal_cache=cache)
     rl.set_meta("abuser", tier="free", blocked=False)
     if cache:
+        assert rl._refusals is not None
         rl._refusals.ready()
         while not rl._refusals.live:
             time.sleep(0.01)  # the subscription is being set up (once per process)
     refused = 0
     start = time.perf_counter()
     for _ in range(FLOOD_N):
-        refused += not rl.check_request("6.6.6.6", "abuser").result.allowed
+        result = rl.check_request("6.6.6.6", "abuser").result
+        refused += result is not None and not result.allowed
     rate = refused / (time.perf_counter() - start)
     assert refused == FLOOD_N - FLOOD_LIMIT and rl.health() == "ok", refused
     start = time.perf_counter()  # steady state: the key is refused, every request is a refusal
@@ -123,6 +125,7 @@ def flood_ours(url: str, cache: bool) -> float:
 
 def flood_limits(url: str) -> float:
     prefix = f"blimits{uuid.uuid4().hex[:8]}"
+    storage: RedisStorage | RedisClusterStorage
     if url.startswith("redis+cluster://"):
         storage = RedisClusterStorage(url, key_prefix=prefix)
     else:
@@ -166,7 +169,7 @@ def main() -> int:
         cluster.stop()
         single.terminate()
         single.wait(10)
-        shutil.rmtree(single.args[-1], ignore_errors=True)  # its --dir
+        shutil.rmtree(str(single.args[-1]), ignore_errors=True)  # type: ignore[index]  # its --dir
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
     print(f"# check_request decisions/s (all admitted, cache off), median of {args.repeat}")
     print(f"| store | 1 process | {args.procs} processes |")

@@ -68,7 +68,7 @@ def require_postgres(url: str = POSTGRES_URL) -> str:
     return url
 
 
-def fresh_postgres_database(url: str = POSTGRES_URL) -> tuple[str, callable]:
+def fresh_postgres_database(url: str = POSTGRES_URL) -> tuple[str, Callable[[], None]]:
     """Create an empty, uniquely named PostgreSQL database; return (url, drop)."""
     import sqlalchemy as sa
 
