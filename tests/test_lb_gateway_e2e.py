@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.services import wait_until
-from tests.test_app_entry import base_env, wait_for_health
+from tests.services import ROOT, wait_for_http, wait_until
+from tests.test_app_entry import base_env
 from tests.test_run_system import System, clean_env, distinct_free_ports, port_args
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "lb-gateway-e2e-secret-0123456789abcdef"
 FREE_LIMIT = 3  # per window: the 4th request in it is refused
 
@@ -77,7 +76,7 @@ def start_stack(tmp: Path, procs: list[subprocess.Popen]) -> Stack:
     backend = f"http://127.0.0.1:{backend_port}"
     backend_proc = start([str(ROOT / "mock_backends.py"), "--ports", str(backend_port)], None, tmp)
     procs.append(backend_proc)
-    wait_for_health(api, api_proc)
+    wait_for_http(f"{api}/health", api_proc)
     wait_up(f"{backend}/health", backend_proc)
     lb = f"http://127.0.0.1:{lb_port}"
     lb_proc = start([str(ROOT / "load_balancer.py"), "--port", str(lb_port), "--backends", backend,

@@ -26,9 +26,9 @@ from config import Config, ConfigError  # noqa: E402
 from limiter import Keys, RateLimiter  # noqa: E402
 from redis_wire import key_slot, parse_store_url  # noqa: E402
 from tests.conftest import ADMIN_TOKEN, PASSWORD  # noqa: E402
-from tests.services import free_port, wait_until  # noqa: E402
+from tests.services import free_port, wait_for_http, wait_until  # noqa: E402
 from tests.test_app_entry import run_app  # noqa: E402
-from tests.test_app_limits import start_gunicorn, wait_healthy  # noqa: E402
+from tests.test_app_limits import start_gunicorn  # noqa: E402
 
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
 
@@ -194,7 +194,7 @@ def test_limit_is_exact_across_gunicorn_workers_and_instances(request, tmp_path,
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_healthy(url, proc, log)
+            wait_for_http(f"{url}/health", proc, timeout=60, output=lambda log=log: log.read_text()[-2000:])
         for round_number in range(2):
             user = requests.post(f"{urls[0]}/auth/register", timeout=10,
                                  json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})
