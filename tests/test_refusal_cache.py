@@ -197,7 +197,7 @@ def test_two_app_instances_invalidate_each_other_on_tier_change_and_block(make_a
     app_a = make_app(store="redis", key_prefix=(prefix := f"rltest{uuid.uuid4().hex[:8]}"))
     app_b = make_app(store="redis", key_prefix=prefix)
     client_a, client_b = app_a.test_client(), app_b.test_client()
-    auth._client = client_a
+    auth = auth.on(client_a)
     user, key = auth.user_with_key()
     limiter_b = app_b.extensions["rl"].limiter
     limiter_b._refusals.ready()
