@@ -6,15 +6,20 @@ CI promises these services and a silent skip would hide a broken environment.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import email
 import email.policy
+import functools
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -179,3 +184,74 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
             return False
         return status is None or code == status
     wait_until(answered, timeout, interval=0.05, message=f"{url} did not answer {status or ''} within {timeout} s")
+
+
+# --------------------------------------------------------------------------- several app instances
+
+GUNICORN_ENV = {  # what every multi-instance test shares; tests add the store and the limits
+    "IP_RATE_LIMIT": "1000000", "JWT_SECRET_KEY": "gunicorn-test-secret-0123456789abcdef",
+    "WEB_CONCURRENCY": "4", "BCRYPT_ROUNDS": "4", "ENABLE_SOCKETIO": "false",
+}
+
+
+def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> subprocess.Popen:
+    """``gunicorn app:app`` with ``workers`` workers in its own process group, output to ``log``."""
+    # Output goes to a file: an unread pipe fills up and blocks the workers' logging.
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout",
+             "5", "--no-control-socket", "app:app"],
+            cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True,
+        )
+
+
+@contextlib.contextmanager
+def gunicorn_instances(folder: Path, env: dict[str, str], instances: int = 2, workers: int = 4) -> Iterator[list[str]]:
+    """``instances`` gunicorn servers of the app sharing one database (in ``folder``) and ``env``; yields
+    their base URLs once each answers /health, and stops every worker (SIGTERM to the group) on exit."""
+    env = {**os.environ, **GUNICORN_ENV, "DB_PATH": str(folder / "shared.db"), "LOG_DIR": str(folder / "logs"),
+           "WEB_CONCURRENCY": str(workers), **env}
+    ports = [free_port() for _ in range(instances)]
+    logs = [folder / f"gunicorn-{port}.log" for port in ports]
+    procs: list[subprocess.Popen] = []
+    try:
+        for port, log in zip(ports, logs, strict=True):
+            procs.append(start_gunicorn(port, env, workers, log))
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url, proc, log in zip(urls, procs, logs, strict=True):
+            wait_for_http(f"{url}/health", proc, 60, output=functools.partial(_tail, log))
+        yield urls
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+def new_api_key(register_at: str, create_at: str, password: str, name: str = "multi") -> str:
+    """Register a user on one instance and create its API key on another (so both share the database)."""
+    import requests
+
+    user = requests.post(f"{register_at}/auth/register", timeout=10,
+                         json={"username": f"{name}{uuid.uuid4().hex[:8]}", "password": password})
+    assert user.ok, user.text
+    created = requests.post(f"{create_at}/auth/create_api_key", json={}, timeout=10,
+                            headers={"Authorization": f"Bearer {user.json()['access_token']}"})
+    assert created.ok, created.text
+    return created.json()["api_key"]
+
+
+def spread_calls(urls: list[str], key: str, calls: int, threads: int = 50) -> list[int]:
+    """``calls`` concurrent ``GET /data`` with ``key``, alternating over ``urls``; their status codes."""
+    import requests
+
+    def call(i: int) -> int:
+        with requests.Session() as session:
+            return session.get(f"{urls[i % len(urls)]}/data", headers={"X-API-Key": key}, timeout=30).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(call, range(calls)))

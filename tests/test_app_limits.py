@@ -3,19 +3,12 @@ and exactness across gunicorn workers and app instances sharing Redis."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import signal
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
-import requests
 
 from tests.conftest import ADMIN_TOKEN, PASSWORD
-from tests.services import REDIS_URL, ROOT, free_port, require_redis, wait_for_http
+from tests.services import REDIS_URL, free_port, gunicorn_instances, new_api_key, require_redis, spread_calls
 
 STORES = ["memory", "redis"]
 
@@ -261,53 +254,20 @@ def test_memory_fallback_still_limits(make_app, auth):
 
 # --- several gunicorn workers x several instances sharing Redis ---
 
-def start_gunicorn(port: int, env: dict[str, str], workers: int, log: Path) -> subprocess.Popen:
-    # Output goes to a file: an unread pipe fills up and blocks the workers' logging.
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--graceful-timeout",
-             "5", "--no-control-socket", "app:app"],
-            cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True,
-        )
-
-
 @pytest.mark.slow
 def test_limit_is_exact_across_gunicorn_workers_and_instances(tmp_path):
     require_redis()
     prefix = f"rlgun{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ, "DB_PATH": str(tmp_path / "shared.db"), "LOG_DIR": str(tmp_path / "logs"),
-        "REDIS_URL": REDIS_URL, "RATELIMIT_KEY_PREFIX": prefix, "TIER_LIMITS": "free=100",
-        "IP_RATE_LIMIT": "1000000", "JWT_SECRET_KEY": "gunicorn-test-secret-0123456789abcdef",
-        "ADMIN_TOKEN": ADMIN_TOKEN, "WEB_CONCURRENCY": "4", "BCRYPT_ROUNDS": "4", "ENABLE_SOCKETIO": "false",
-    }
-    ports = [free_port(), free_port()]
-    logs = [tmp_path / f"gunicorn-{port}.log" for port in ports]
-    procs = [start_gunicorn(port, env, 4, log) for port, log in zip(ports, logs, strict=True)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    env = {"REDIS_URL": REDIS_URL, "RATELIMIT_KEY_PREFIX": prefix, "TIER_LIMITS": "free=100",
+           "ADMIN_TOKEN": ADMIN_TOKEN}
     try:
-        for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_for_http(f"{url}/health", proc, 60, output=lambda log=log: log.read_text()[-2000:])
-        for round_number in range(3):
-            user = requests.post(f"{urls[0]}/auth/register", timeout=10,
-                                 json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})
-            token = user.json()["access_token"]
-            key = requests.post(f"{urls[1]}/auth/create_api_key", json={}, timeout=10,
-                                headers={"Authorization": f"Bearer {token}"}).json()["api_key"]
-
-            def call(i: int, key: str = key) -> int:
-                with requests.Session() as session:
-                    return session.get(f"{urls[i % 2]}/data", headers={"X-API-Key": key}, timeout=30).status_code
-
-            with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
-                statuses = list(pool.map(call, range(500)))
-            assert statuses.count(200) == 100, f"round {round_number}: {statuses.count(200)} admitted"
-            assert statuses.count(429) == 400
+        with gunicorn_instances(tmp_path, env) as urls:
+            for round_number in range(3):
+                key = new_api_key(urls[0], urls[1], PASSWORD, name=f"gun{round_number}")
+                statuses = spread_calls(urls, key, 500)
+                assert statuses.count(200) == 100, f"round {round_number}: {statuses.count(200)} admitted"
+                assert statuses.count(429) == 400
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
         client = require_redis()
         leftover = list(client.scan_iter(f"{prefix}*"))
         assert all(client.ttl(k) > 0 for k in leftover), "every key written must carry a TTL"

@@ -240,53 +240,25 @@ def test_low_credits_send_one_alert_per_period(make_app, auth, clock):
 def test_a_two_limit_policy_is_exact_across_gunicorn_workers_and_instances(tmp_path):
     """2 instances x 4 workers on Redis: a route of cost 2 under 100/minute and 60/hour admits exactly
     30 of 300 requests, and the minute limit shows exactly those 60 units spent."""
-    import concurrent.futures
-    import os
-    import signal
-
     import requests
 
     from tests.conftest import ADMIN_TOKEN, PASSWORD
-    from tests.services import REDIS_URL, free_port, require_redis, wait_for_http
-    from tests.test_app_limits import start_gunicorn
+    from tests.services import REDIS_URL, gunicorn_instances, new_api_key, require_redis, spread_calls
 
     require_redis()
     policy = tmp_path / "policy.toml"
     policy.write_text('[tiers]\nfree = ["100/minute", "60/hour"]\n[[routes]]\nmatch = "GET /data"\ncost = 2\n')
     prefix = f"rlpol{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ, "DB_PATH": str(tmp_path / "shared.db"), "LOG_DIR": str(tmp_path / "logs"),
-        "REDIS_URL": REDIS_URL, "RATELIMIT_KEY_PREFIX": prefix, "RATELIMIT_POLICY": str(policy),
-        "IP_RATE_LIMIT": "1000000", "JWT_SECRET_KEY": "gunicorn-test-secret-0123456789abcdef",
-        "ADMIN_TOKEN": ADMIN_TOKEN, "WEB_CONCURRENCY": "4", "BCRYPT_ROUNDS": "4", "ENABLE_SOCKETIO": "false",
-    }
-    ports = [free_port(), free_port()]
-    logs = [tmp_path / f"gunicorn-{port}.log" for port in ports]
-    procs = [start_gunicorn(port, env, 4, log) for port, log in zip(ports, logs, strict=True)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    env = {"REDIS_URL": REDIS_URL, "RATELIMIT_KEY_PREFIX": prefix, "RATELIMIT_POLICY": str(policy),
+           "ADMIN_TOKEN": ADMIN_TOKEN}
     try:
-        for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_for_http(f"{url}/health", proc, 60, output=lambda log=log: log.read_text()[-2000:])
-        user = requests.post(f"{urls[0]}/auth/register", timeout=10,
-                             json={"username": f"pol{uuid.uuid4().hex[:6]}", "password": PASSWORD})
-        token = user.json()["access_token"]
-        key = requests.post(f"{urls[1]}/auth/create_api_key", json={}, timeout=10,
-                            headers={"Authorization": f"Bearer {token}"}).json()["api_key"]
-
-        def call(i: int) -> int:
-            with requests.Session() as session:
-                return session.get(f"{urls[i % 2]}/data", headers={"X-API-Key": key}, timeout=30).status_code
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=40) as pool:
-            statuses = list(pool.map(call, range(300)))
-        assert statuses.count(200) == 30 and statuses.count(429) == 270
-        usage = requests.get(f"{urls[0]}/usage", headers={"X-API-Key": key}, timeout=10).json()
-        assert {p["name"]: p["remaining"] for p in usage["policies"]} == {"free-minute": 40, "free-hour": 0}
+        with gunicorn_instances(tmp_path, env) as urls:
+            key = new_api_key(urls[0], urls[1], PASSWORD, name="pol")
+            statuses = spread_calls(urls, key, 300, threads=40)
+            assert statuses.count(200) == 30 and statuses.count(429) == 270
+            usage = requests.get(f"{urls[0]}/usage", headers={"X-API-Key": key}, timeout=10).json()
+            assert {p["name"]: p["remaining"] for p in usage["policies"]} == {"free-minute": 40, "free-hour": 0}
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
         client = require_redis()
         leftover = list(client.scan_iter(f"{prefix}*"))
         if leftover:

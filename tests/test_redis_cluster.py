@@ -5,9 +5,6 @@ on both topologies (its ``store_url`` fixture)."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import signal
 import sys
 import threading
 import uuid
@@ -26,9 +23,8 @@ from config import Config, ConfigError  # noqa: E402
 from limiter import Keys, RateLimiter  # noqa: E402
 from redis_wire import key_slot, parse_store_url  # noqa: E402
 from tests.conftest import ADMIN_TOKEN, PASSWORD  # noqa: E402
-from tests.services import free_port, wait_for_http, wait_until  # noqa: E402
+from tests.services import gunicorn_instances, new_api_key, spread_calls, wait_until  # noqa: E402
 from tests.test_app_entry import run_app  # noqa: E402
-from tests.test_app_limits import start_gunicorn  # noqa: E402
 
 TIERS = {"free": 5, "basic": 20, "premium": 100, "enterprise": 1000}
 
@@ -182,39 +178,16 @@ def test_ask_during_a_slot_migration_keeps_counting_exactly(redis_cluster):
 def test_limit_is_exact_across_gunicorn_workers_and_instances(request, tmp_path, kind):
     servers = request.getfixturevalue(f"redis_{kind}")
     prefix = f"rlgun{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ, "DB_PATH": str(tmp_path / "shared.db"), "LOG_DIR": str(tmp_path / "logs"),
-        "REDIS_URL": servers.url, "RATELIMIT_KEY_PREFIX": prefix, "TIER_LIMITS": "free=100",
-        "IP_RATE_LIMIT": "1000000", "JWT_SECRET_KEY": "gunicorn-test-secret-0123456789abcdef",
-        "ADMIN_TOKEN": ADMIN_TOKEN, "WEB_CONCURRENCY": "4", "BCRYPT_ROUNDS": "4", "ENABLE_SOCKETIO": "false",
-    }
-    ports = [free_port(), free_port()]
-    logs = [tmp_path / f"gunicorn-{port}.log" for port in ports]
-    procs = [start_gunicorn(port, env, 4, log) for port, log in zip(ports, logs, strict=True)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    env = {"REDIS_URL": servers.url, "RATELIMIT_KEY_PREFIX": prefix, "TIER_LIMITS": "free=100",
+           "ADMIN_TOKEN": ADMIN_TOKEN}
     try:
-        for url, proc, log in zip(urls, procs, logs, strict=True):
-            wait_for_http(f"{url}/health", proc, timeout=60, output=lambda log=log: log.read_text()[-2000:])
-        for round_number in range(2):
-            user = requests.post(f"{urls[0]}/auth/register", timeout=10,
-                                 json={"username": f"gun{round_number}{uuid.uuid4().hex[:6]}", "password": PASSWORD})
-            token = user.json()["access_token"]
-            key = requests.post(f"{urls[1]}/auth/create_api_key", json={}, timeout=10,
-                                headers={"Authorization": f"Bearer {token}"}).json()["api_key"]
-
-            def call(i: int, key: str = key) -> int:
-                with requests.Session() as session:
-                    return session.get(f"{urls[i % 2]}/data", headers={"X-API-Key": key}, timeout=30).status_code
-
-            with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
-                statuses = list(pool.map(call, range(400)))
-            assert statuses.count(200) == 100, f"round {round_number}: {statuses.count(200)} admitted"
-            assert statuses.count(429) == 300
+        with gunicorn_instances(tmp_path, env) as urls:
+            for round_number in range(2):
+                key = new_api_key(urls[0], urls[1], PASSWORD, name=f"gun{round_number}")
+                statuses = spread_calls(urls, key, 400)
+                assert statuses.count(200) == 100, f"round {round_number}: {statuses.count(200)} admitted"
+                assert statuses.count(429) == 300
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
         rl = limiter_on(servers.url, key_prefix=prefix)
         rl.reset()
         rl.close()
