@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 
 import requests
-from http_bench import ADMIN, REDIS_URL, SECRET, free_port, gunicorn, make_keys, run_wrk, stop, wait_up
+from http_bench import REDIS_URL, api_env, free_port, gunicorn, make_keys, run_wrk, stop, wait_up
 from lb_bench import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +122,7 @@ def main() -> int:
     script = tmp / "bench.lua"
     script.write_text(LUA)
     prefix = f"rlbench{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "DB_PATH": str(tmp / "bench.db"), "LOG_DIR": str(tmp / "logs"), "REDIS_URL": REDIS_URL,
-           "RATELIMIT_KEY_PREFIX": prefix, "JWT_SECRET_KEY": SECRET, "ADMIN_TOKEN": ADMIN,
-           "TIER_LIMITS": "enterprise=1000000000", "IP_RATE_LIMIT": "1000000000", "BCRYPT_ROUNDS": "4",
-           "ENABLE_SOCKETIO": "false", "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "WARNING",
-           "REGISTER_PER_IP_PER_HOUR": "100000", "TRUSTED_PROXIES": "1"}
+    env = {**api_env(tmp, prefix, args.workers), "TRUSTED_PROXIES": "1"}
     api_port, backend_port, nginx_port, lb_port, lbg_port = (free_port() for _ in range(5))
     procs = {"api": gunicorn("app:app", api_port, env, args.workers, args.threads),
              "backend": start_backend(backend_port)}

@@ -110,6 +110,15 @@ def run_wrk(url: str, keys: list[str], connections: int, seconds: int, script: P
     return {"rps": rps, "p50": p50, "p99": p99, "errors": int(non2xx.group(1)) if non2xx else 0}
 
 
+def api_env(tmp: Path, prefix: str, workers: int) -> dict[str, str]:
+    """The API's environment under load: Redis store, limits no bench reaches, quiet logs."""
+    return {**os.environ, "DB_PATH": str(tmp / "bench.db"), "LOG_DIR": str(tmp / "logs"), "REDIS_URL": REDIS_URL,
+            "RATELIMIT_KEY_PREFIX": prefix, "JWT_SECRET_KEY": SECRET, "ADMIN_TOKEN": ADMIN,
+            "TIER_LIMITS": "enterprise=1000000000", "IP_RATE_LIMIT": "1000000000", "BCRYPT_ROUNDS": "4",
+            "ENABLE_SOCKETIO": "false", "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "WARNING",
+            "REGISTER_PER_IP_PER_HOUR": "100000"}
+
+
 def make_keys(url: str, count: int) -> list[str]:
     keys = []
     for i in range(count):
@@ -138,11 +147,7 @@ def main() -> int:
     script = tmp / "keys.lua"
     script.write_text(LUA)
     prefix = f"rlbench{uuid.uuid4().hex[:6]}"
-    ours_env = {**os.environ, "DB_PATH": str(tmp / "bench.db"), "LOG_DIR": str(tmp / "logs"), "REDIS_URL": REDIS_URL,
-                "RATELIMIT_KEY_PREFIX": prefix, "JWT_SECRET_KEY": SECRET, "ADMIN_TOKEN": ADMIN,
-                "TIER_LIMITS": "enterprise=1000000000", "IP_RATE_LIMIT": "1000000000", "BCRYPT_ROUNDS": "4",
-                "ENABLE_SOCKETIO": "false", "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "WARNING",
-                "REGISTER_PER_IP_PER_HOUR": "100000"}
+    ours_env = api_env(tmp, prefix, args.workers)
     ports = {"ratelimiter": free_port(), "flask_limiter": free_port(), "no_limiting": free_port()}
     procs = {"ratelimiter": gunicorn("app:app", ports["ratelimiter"], ours_env, args.workers, args.threads)}
     wait_up(f"http://127.0.0.1:{ports['ratelimiter']}", procs["ratelimiter"])
