@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from config import Config, ConfigError
+from config import DEFAULT_TIER, TIER_ORDER, Config, ConfigError
 from log_manager import clean_text
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ users = sa.Table(
     sa.Column("username", sa.String(64), nullable=False, unique=True),
     sa.Column("email", sa.String(254)),
     sa.Column("password_hash", sa.String(128), nullable=False),
-    sa.Column("tier", sa.String(16), nullable=False, server_default="free"),
+    sa.Column("tier", sa.String(16), nullable=False, server_default=DEFAULT_TIER),
     sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
@@ -173,9 +173,6 @@ schema_migrations = sa.Table(
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
-
-VALID_TIERS = ("free", "basic", "premium", "enterprise")
-
 
 class DatabaseError(Exception):
     """The database is unreachable, broken, or not at the schema this code expects."""
@@ -469,7 +466,7 @@ def verify(engine: Engine) -> list[str]:
         if orphan_keys:
             problems.append(f"{orphan_keys} API key(s) belong to no user")
         bad_tiers = conn.execute(
-            sa.select(sa.func.count()).select_from(users).where(users.c.tier.not_in(VALID_TIERS))
+            sa.select(sa.func.count()).select_from(users).where(users.c.tier.not_in(TIER_ORDER))
         ).scalar_one()
         if bad_tiers:
             problems.append(f"{bad_tiers} user(s) have an unknown tier")

@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from config import TIER_ORDER, ConfigError
+from config import DEFAULT_TIER, TIER_ORDER, ConfigError
 
 UNITS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 30 * 86400,
                          "year": 365 * 86400}
@@ -88,7 +88,7 @@ class Policy:
         return None
 
     def tier_limits(self, tier: str) -> tuple[Limit, ...]:
-        return self.tiers.get(tier) or self.tiers["free"]
+        return self.tiers.get(tier) or self.tiers[DEFAULT_TIER]
 
 
 def parse_rate(text: Any) -> Rate:
