@@ -3,6 +3,8 @@
 ``build_app(config)`` returns an aiohttp application that fronts ``config.backends``. Admin
 routes (``/stats``, ``/dashboard``, ``/change_strategy``, ``/lb/...``) win over the proxy
 catch-all. Every error it produces itself is ``{"error": code, "message": text}``.
+Clients are served by ``lb_server``: proxied requests on a lean llhttp protocol that calls
+``reply_to``/``route`` here, everything else (the admin routes included) by this aiohttp app.
 Proxied requests travel over the balancer's own keep-alive HTTP/1.1 connection pool
 (``lb_upstream.UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
 Run it with ``python load_balancer.py`` (see ``--help``); configuration (``lb_config``) comes
