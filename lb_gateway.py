@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from lb_server import ClientRequest
+
 log = logging.getLogger(__name__)
 
 IDENTITY_HEADERS = ("X-Auth-User-Id", "X-Auth-Username", "X-Auth-Tier", "X-Auth-Key-Prefix")
@@ -45,7 +47,7 @@ class ForwardAuth:
         self.errors = 0
 
     async def decide(
-        self, session: ClientSession, request: web.Request, client_ip: str, target: str
+        self, session: ClientSession, request: ClientRequest, client_ip: str, target: str
     ) -> Admission | web.Response:
         """An ``Admission`` to proxy with, or the response to give the client instead."""
         headers = {

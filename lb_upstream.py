@@ -269,6 +269,8 @@ class UpstreamConnection(asyncio.Protocol):
                 return False
             lines = bytes(self._buf[:end]).decode("utf-8", "replace").split("\r\n")
             del self._buf[: end + 4]
+            if any("\n" in line or "\r" in line for line in lines):  # never relayed: it would split the client's head
+                raise ValueError("bare CR or LF in the response head")
             version, _, rest = lines[0].partition(" ")
             code, _, reason = rest.partition(" ")
             if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):

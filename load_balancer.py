@@ -3,6 +3,8 @@
 ``build_app(config)`` returns an aiohttp application that fronts ``config.backends``. Admin
 routes (``/stats``, ``/dashboard``, ``/change_strategy``, ``/lb/...``) win over the proxy
 catch-all. Every error it produces itself is ``{"error": code, "message": text}``.
+Clients are served by ``lb_server``: proxied requests on a lean llhttp protocol that calls
+``reply_to``/``route`` here, everything else (the admin routes included) by this aiohttp app.
 Proxied requests travel over the balancer's own keep-alive HTTP/1.1 connection pool
 (``lb_upstream.UpstreamPool``); the aiohttp ``ClientSession`` serves the active health checks.
 Run it with ``python load_balancer.py`` (see ``--help``); configuration (``lb_config``) comes
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -33,7 +36,6 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 import log_redaction
@@ -49,6 +51,14 @@ from lb_config import (  # the configuration names stay importable from here, as
     load_config,
 )
 from lb_gateway import Admission, ForwardAuth
+from lb_server import (  # GuardedRunner and the guard stay importable from here, as before the split
+    FRONT_END,
+    ClientRequest,
+    ConnectionGuard,
+    FrontEnd,
+    GuardedHandler,
+    GuardedRunner,
+)
 from lb_upstream import UpstreamConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -458,11 +468,11 @@ class ResponseCache:
         self.misses = 0
 
     @staticmethod
-    def key(request: web.Request) -> str:
+    def key(request: ClientRequest) -> str:
         return f"{request.headers.get('Host', '')}{origin_target(request)}|{request.headers.get('Accept-Encoding', '')}"
 
     @staticmethod
-    def request_mode(request: web.Request) -> str:
+    def request_mode(request: ClientRequest) -> str:
         """``bypass`` (never cached), ``refresh`` (fetch, may store) or ``use``."""
         if request.method != "GET" or any(name in request.headers for name in PRIVATE_REQUEST_HEADERS):
             return "bypass"
@@ -520,7 +530,7 @@ class UpstreamFailure(Exception):
 class RequestBody:
     """Streams the client's body upstream once, remembering whether any of it was read."""
 
-    def __init__(self, request: web.Request, admission: Admission | None = None) -> None:
+    def __init__(self, request: ClientRequest, admission: Admission | None = None) -> None:
         self.request = request
         self.started = False
         self.admission = admission  # gateway mode: the decision that admitted this request
@@ -579,7 +589,7 @@ class Balancer:
             self.strategy = STRATEGIES[name](self.env)
             log.info("strategy changed to %s", name)
 
-    def client_ip(self, request: web.Request) -> str:
+    def client_ip(self, request: ClientRequest) -> str:
         """The socket peer, or the X-Forwarded-For entry ``trusted_proxies`` hops back."""
         hops = self.config.trusted_proxies
         forwarded = [p.strip() for p in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if p.strip()]
@@ -612,7 +622,7 @@ class Balancer:
 BALANCER = web.AppKey("balancer", Balancer)
 
 
-def check_framing(request: web.Request) -> None:
+def check_framing(request: ClientRequest) -> None:
     """Refuse a body whose length is ambiguous (aiohttp's parser already does; this is a second line)."""
     headers = request.headers
     if "Content-Length" in headers and ("Transfer-Encoding" in headers or len(headers.getall("Content-Length")) > 1):
@@ -620,7 +630,7 @@ def check_framing(request: web.Request) -> None:
 
 
 def request_head(
-    request: web.Request, backend: Backend, chunked: bool, identity: Sequence[tuple[str, str]] = ()
+    request: ClientRequest, backend: Backend, chunked: bool, identity: Sequence[tuple[str, str]] = ()
 ) -> bytes:
     """The upstream request line and headers: hop-by-hop and framing ones dropped, X-Forwarded-* added.
 
@@ -647,7 +657,7 @@ def request_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-def origin_target(request: web.Request) -> str:
+def origin_target(request: ClientRequest) -> str:
     """The request target as a path and query (origin-form).
 
     An absolute-form target (``GET http://169.254.169.254/x HTTP/1.1``) is what a forward proxy
@@ -682,9 +692,77 @@ def response_headers(upstream: UpstreamResponse, backend: Backend) -> CIMultiDic
     return headers
 
 
+class Relay:
+    """A backend's answer to pass on: whole (``body``, its connection already back in the pool) or
+    still to stream from ``conn``, which ``finished``/``failed``/``abandoned`` then releases or closes."""
+
+    __slots__ = ("lb", "backend", "upstream", "headers", "body", "conn")
+
+    def __init__(
+        self, lb: Balancer, backend: Backend, upstream: UpstreamResponse, headers: CIMultiDict[str],
+        conn: UpstreamConnection | None,
+    ) -> None:  # fmt: skip
+        self.lb = lb
+        self.backend = backend
+        self.upstream = upstream
+        self.headers = headers
+        self.body = upstream.body if conn is None else None
+        self.conn = conn
+
+    @property
+    def status(self) -> int:
+        return self.upstream.status
+
+    @property
+    def reason(self) -> str:
+        return self.upstream.reason
+
+    @property
+    def content_length(self) -> int | None:
+        return self.upstream.content_length
+
+    def pieces(self) -> AsyncIterator[bytes]:
+        return self.upstream.chunks(self.lb.config.read_timeout)
+
+    def finished(self) -> None:
+        """The whole body reached the client: the connection may carry another request."""
+        if self.conn is not None:
+            self.lb.upstream.release(self.backend, self.conn)
+            self.conn = None
+
+    def failed(self, exc: Exception) -> None:
+        """The backend failed mid-body: count it against the backend and drop its connection."""
+        self.lb.pool.record_failure(self.backend, exc)
+        log.warning("upstream %s failed mid-stream (%s); closing the client connection", self.backend.url, exc)
+        self.abandoned()
+
+    def abandoned(self) -> None:
+        """The client went away: a half-read response can never go back into the pool."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
+    """The aiohttp route behind the admin routes: forward and answer through aiohttp's response objects."""
+    reply = await route(request.app[BALANCER], request)
+    if isinstance(reply, web.Response):
+        return reply
+    if reply.body is not None and request.method != "HEAD":
+        return web.Response(status=reply.status, reason=reply.reason, headers=reply.headers, body=reply.body)
+    return await stream(request, reply)
+
+
+async def reply_to(lb: Balancer, request: ClientRequest) -> web.Response | Relay:
+    """The lean path's entry (``FrontEnd.serve``): ``route``, with errors answered as the middleware does."""
+    try:
+        return await route(lb, request)
+    except Exception as exc:
+        return error_reply(exc, request)
+
+
+async def route(lb: Balancer, request: ClientRequest) -> web.Response | Relay:
     """Forward to a chosen backend, retrying elsewhere while that is still safe."""
-    lb = request.app[BALANCER]
     lb.total_requests += 1
     check_framing(request)
     admission: Admission | None = None
@@ -730,13 +808,13 @@ def retryable(method: str, failure: UpstreamFailure, body: RequestBody) -> bool:
 
 
 async def forward(
-    request: web.Request, lb: Balancer, backend: Backend, body: RequestBody, cache_key: str | None
-) -> web.StreamResponse:
+    request: ClientRequest, lb: Balancer, backend: Backend, body: RequestBody, cache_key: str | None
+) -> Relay:
     """One attempt against ``backend``; raises UpstreamFailure if nothing was sent to the client."""
     backend.active += 1
     backend.total_requests += 1
     started = lb.clock()
-    conn: UpstreamConnection | None = None  # owned here until released or handed to stream()
+    conn: UpstreamConnection | None = None  # owned here until released or handed to the Relay
     try:
         try:
             try:
@@ -753,22 +831,23 @@ async def forward(
         except ConnectionError as exc:  # only reading the client's body raises this: the client is gone
             log.info("client went away while sending its body for %s: %s", backend.url, exc)
             raise ClientGone(f"client disconnected while sending its body ({exc})") from None
-        backend.observe_latency((lb.clock() - started) * 1000, lb.clock(), lb.config.adaptive_decay_seconds)
+        now = lb.clock()
+        backend.observe_latency((now - started) * 1000, now, lb.config.adaptive_decay_seconds)
         if upstream.status >= 500:
             backend.failures += 1
         else:
             lb.pool.record_success(backend)
         headers = response_headers(upstream, backend)
         add_rate_headers(body.admission, headers)
-        if upstream.body is None or request.method == "HEAD":
-            conn = None  # stream() releases or closes it
-            return await stream(request, lb, backend, upstream, headers)
-        if cache_key is not None:
+        if upstream.body is None:
+            relay, conn = Relay(lb, backend, upstream, headers, conn), None  # the relay releases or closes it
+            return relay
+        if cache_key is not None and request.method != "HEAD":
             headers["X-Cache"] = "MISS"
             lb.cache.put(cache_key, upstream.status, headers, upstream.body, backend.url)
         lb.upstream.release(backend, conn)
         conn = None
-        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=upstream.body)
+        return Relay(lb, backend, upstream, headers, None)
     except BaseException:
         if conn is not None:  # never leave a half-used connection open (or, worse, in the pool)
             conn.close()
@@ -778,7 +857,7 @@ async def forward(
 
 
 async def exchange(
-    request: web.Request, lb: Balancer, backend: Backend, body: RequestBody, fresh: bool
+    request: ClientRequest, lb: Balancer, backend: Backend, body: RequestBody, fresh: bool
 ) -> tuple[UpstreamConnection, UpstreamResponse]:
     """Send the request on a pooled (or ``fresh``) connection and wait for the response head."""
     conn = await lb.upstream.acquire(backend, fresh)
@@ -799,37 +878,34 @@ def failed(lb: Balancer, backend: Backend, exc: UpstreamError) -> UpstreamFailur
     return UpstreamFailure(backend, exc, exc.sent)
 
 
-async def stream(
-    request: web.Request, lb: Balancer, backend: Backend, upstream: UpstreamResponse, headers: CIMultiDict[str]
-) -> web.StreamResponse:
+async def stream(request: web.Request, relay: Relay) -> web.StreamResponse:
     """Relay a large or unsized body piece by piece; a failure now can only cut the connection."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
+    response = web.StreamResponse(status=relay.status, reason=relay.reason, headers=relay.headers)
+    if relay.content_length is not None:
+        response.content_length = relay.content_length
     try:
         await response.prepare(request)
-        async for chunk in upstream.chunks(lb.config.read_timeout):
+        async for chunk in relay.pieces():
             await response.write(chunk)
     except UpstreamError as exc:
-        lb.pool.record_failure(backend, exc)
-        log.warning("upstream %s failed mid-stream (%s); closing the client connection", backend.url, exc)
-        abort(request, upstream.conn)
+        relay.failed(exc)
+        abort(request)
         return response
     except ConnectionError:
-        log.info("client went away while streaming from %s", backend.url)
-        abort(request, upstream.conn)
+        log.info("client went away while streaming from %s", relay.backend.url)
+        relay.abandoned()
+        abort(request)
         return response
     except BaseException:
-        upstream.conn.close()
+        relay.abandoned()
         raise
-    lb.upstream.release(backend, upstream.conn)
+    relay.finished()
     await response.write_eof()
     return response
 
 
-def abort(request: web.Request, conn: UpstreamConnection) -> None:
-    """Drop both connections, so a truncated body can never look complete."""
-    conn.close()
+def abort(request: web.Request) -> None:
+    """Drop the client connection, so a truncated body can never look complete."""
     if request.transport is not None:
         request.transport.close()
 
@@ -977,9 +1053,22 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
+def error_reply(exc: Exception, request: ClientRequest) -> web.Response:
+    """The JSON answer for an error raised while serving ``request``; a true bug is logged once (500)."""
+    if isinstance(exc, LBError):
+        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="load balancer"'
+        return response
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return error_response(exc.status, STATUS_CODES.get(exc.status, "http_error"), exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.raw_path.split("?", 1)[0], exc_info=exc)
+    return error_response(500, "internal_error", "the load balancer hit an unexpected error")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    """Turn domain and HTTP errors into JSON; log a true bug once and answer 500.
+    """Turn domain and HTTP errors into JSON (``error_reply``) on the aiohttp path.
 
     It also tells the connection's guard when a request head is complete and when the request is
     over (one middleware rather than two: each one is a coroutine frame on every request).
@@ -990,161 +1079,31 @@ async def error_middleware(request: web.Request, handler: Callable[..., Any]) ->
         guarded.request_started()
     try:
         return await handler(request)
-    except LBError as exc:
-        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="load balancer"'
-        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, STATUS_CODES.get(exc.status, "http_error"), exc.reason)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "the load balancer hit an unexpected error")
+        return error_reply(exc, request)
+    except Exception as exc:
+        return error_reply(exc, request)
     finally:
         if guarded is not None:
             guarded.request_finished()
 
 
-# --------------------------------------------------------------------------- client connection limits
-
-
-class ConnectionGuard:
-    """Caps client connections and times out slow request heads and idle keep-alive connections.
-
-    HAProxy's model: ``maxconn``, ``timeout http-request`` (the whole head must arrive within
-    ``request_head_timeout`` of its first byte) and ``timeout http-keep-alive``. At the cap, a
-    new connection takes the place of the oldest one still waiting for a request head (a
-    slowloris client holds exactly such connections), so trickling clients cannot lock out a
-    normal one; only when every connection is busy with a request is the new one closed.
-    Deadlines are checked by one sweep a few times per timeout (at most every second) rather
-    than a timer per request, which would cost every proxied request a timer to set and cancel.
-    """
-
-    def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float) -> None:
-        self.max_connections = max_connections
-        self.head_timeout = head_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.sweep_seconds = max(0.05, min(1.0, head_timeout / 4, keepalive_timeout / 4))
-        self.open: dict[GuardedHandler, None] = {}  # insertion order: oldest first
-        self.refused = 0
-        self.evicted = 0
-        self.head_timeouts = 0
-        self.idle_timeouts = 0
-        self._sweeper: asyncio.TimerHandle | None = None
-
-    def opened(self, handler: GuardedHandler) -> None:
-        if len(self.open) >= self.max_connections:
-            victim = next((h for h in self.open if h.state != BUSY), None)
-            if victim is None:
-                self.refused += 1
-                handler.force_close()
-                return
-            self.evicted += 1
-            self.open.pop(victim, None)
-            victim.force_close()
-        self.open[handler] = None
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.sweep_seconds, self._sweep)
-
-    def closed(self, handler: GuardedHandler) -> None:
-        self.open.pop(handler, None)
-
-    def _sweep(self) -> None:
-        """Close connections past their deadline; runs while any connection is open."""
-        self._sweeper = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for handler in [h for h in self.open if h.state != BUSY and now >= h.deadline]:
-            transport = handler.transport
-            if handler.state == IDLE and transport is not None and transport.get_write_buffer_size():
-                handler.deadline = now + self.keepalive_timeout  # the last response is still being written
-                continue
-            if handler.state == HEAD:
-                self.head_timeouts += 1
-                log.info("closing a client connection whose request head did not arrive in time")
-            else:
-                self.idle_timeouts += 1
-            self.open.pop(handler, None)
-            handler.force_close()
-        if self.open:
-            self._sweeper = loop.call_later(self.sweep_seconds, self._sweep)
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "open": len(self.open),
-            "max": self.max_connections,
-            "refused": self.refused,
-            "evicted": self.evicted,
-            "head_timeouts": self.head_timeouts,
-            "idle_timeouts": self.idle_timeouts,
-        }
-
-
-HEAD, BUSY, IDLE = "head", "busy", "idle"
-
-
-class GuardedHandler(RequestHandler):
-    """aiohttp's connection handler with a state and a deadline for the guard: ``head`` (a
-    request head is arriving), ``busy`` (a request is being served), ``idle`` (keep-alive)."""
-
-    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self.guard = guard
-        self.state = HEAD
-        self.deadline = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.deadline = self._loop.time() + self.guard.head_timeout
-        self.guard.opened(self)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.guard.closed(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self.state is IDLE:  # first byte of the next request: its head has head_timeout to finish
-            self.state = HEAD
-            self.deadline = self._loop.time() + self.guard.head_timeout
-        super().data_received(data)
-
-    def request_started(self) -> None:
-        self.state = BUSY
-
-    def request_finished(self) -> None:
-        if self.state is BUSY:
-            self.state = IDLE
-            self.deadline = self._loop.time() + self.guard.keepalive_timeout
-
-
-class GuardedServer(web.Server):
-    """aiohttp's low-level server for the app, building ``GuardedHandler`` connections."""
-
-    def __init__(self, base: web.Server, guard: ConnectionGuard) -> None:  # noqa: D107
-        self.__dict__.update(vars(base))  # adopt the server aiohttp built for the app, every setting kept
-        self.guard = guard
-
-    def __call__(self) -> RequestHandler:
-        return GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
-
-
-class GuardedRunner(web.AppRunner):
-    """``AppRunner`` whose client connections the balancer's ``ConnectionGuard`` limits."""
-
-    async def _make_server(self) -> web.Server:
-        return GuardedServer(await super()._make_server(), self.app[BALANCER].guard)
+# The balancer's own routes: aiohttp serves them (and any method on them: 405), never the proxy.
+OWN_PATHS = frozenset({"/stats", "/change_strategy", "/dashboard", "/lb/health", "/lb/dashboard.js"})
 
 
 def build_app(
     config: LBConfig, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
 ) -> web.Application:
-    """Application factory: admin routes first, then the proxy catch-all (serve it with ``GuardedRunner``)."""
+    """Application factory: admin routes first, then the proxy catch-all (serve it with ``GuardedRunner``,
+    which answers proxied requests on the lean path and hands the rest to this app)."""
     app = web.Application(middlewares=[error_middleware])
-    app[BALANCER] = Balancer(config.validate(), clock, rng)
+    lb = app[BALANCER] = Balancer(config.validate(), clock, rng)
+    app[FRONT_END] = FrontEnd(lb.guard, functools.partial(reply_to, lb), OWN_PATHS)
     app.add_routes(routes)
-    for path in ("/stats", "/change_strategy", "/dashboard", "/lb/health", "/lb/dashboard.js"):
+    for path in sorted(OWN_PATHS):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/{path:.*}", proxy)
     app.cleanup_ctx.append(balancer_context)
