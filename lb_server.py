@@ -199,10 +199,11 @@ def lean_path(target: bytes) -> str | None:
     """The path of an origin-form target the lean path may route by plain comparison, else None.
 
     Targets whose routing aiohttp would decide differently from a string compare (absolute form,
-    ``//x``, percent-escapes, dot segments) are left to aiohttp, which decides as it always did.
+    ``//x``, percent-escapes, dot segments, a ``#fragment``, which aiohttp strips before routing) are
+    left to aiohttp, which decides as it always did.
     """
     path = target.split(b"?", 1)[0]
-    if path[:1] != b"/" or path[:2] == b"//" or b"%" in path or b"/." in path or b"\\" in path:
+    if path[:1] != b"/" or path[:2] == b"//" or b"%" in path or b"/." in path or b"\\" in path or b"#" in path:
         return None
     return path.decode("ascii", "surrogateescape")
 

@@ -1,0 +1,84 @@
+"""Attacks on the balancer's lean client side (lb_server.py) with raw sockets, a real balancer and a real backend.
+
+The backend records every byte it receives on every connection, so a test can check that what
+reached it is exactly the requests the balancer accepted, each framed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import h11
+from test_lb_server import open_client, read_responses
+from test_load_balancer import Harness, async_test, make_config, raw_backend, running_lb
+
+from lb_server import ProxyProtocol
+
+
+class RawRecorder:
+    """A keep-alive backend that parses requests with h11 (strict) and keeps the raw bytes of each connection."""
+
+    def __init__(self, body: bytes = b"ok") -> None:
+        self.raw: list[bytearray] = []
+        self.requests: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = []
+        self.errors: list[str] = []
+        self.body = body
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = bytearray()
+        self.raw.append(raw)
+        conn = h11.Connection(h11.SERVER)
+        current: list[object] = []
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    raw += data
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                elif isinstance(event, h11.Request):
+                    current = [event.method, event.target, list(event.headers), bytearray()]
+                elif isinstance(event, h11.Data):
+                    current[3] += event.data  # type: ignore[operator]
+                elif isinstance(event, h11.EndOfMessage):
+                    method, target, headers, body = current
+                    self.requests.append((method, target, headers, bytes(body)))  # type: ignore[arg-type]
+                    head = h11.Response(status_code=200, headers=[("Content-Length", str(len(self.body)))])
+                    writer.write(conn.send(head) + conn.send(h11.Data(data=self.body)) + conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except h11.ProtocolError as exc:
+            self.errors.append(str(exc))
+        except (ConnectionError, asyncio.CancelledError):  # the client or the test's server went away
+            pass
+        finally:
+            writer.close()
+
+
+def lean_connections(h: Harness) -> list[ProxyProtocol]:
+    return [conn for conn in h.lb.guard.open if isinstance(conn, ProxyProtocol)]
+
+
+# --------------------------------------------------------------------------- own routes
+
+
+@async_test
+async def test_own_route_with_a_fragment_is_served_by_the_balancer_not_proxied() -> None:
+    """aiohttp strips a ``#fragment`` before routing, so ``/stats#x`` is the balancer's /stats; the
+    lean path compared the raw path and sent it (fragment and all) to the backend instead."""
+    backend = RawRecorder()
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        reader, writer = await open_client(h.url)
+        writer.write(b"GET /stats#x HTTP/1.1\r\nHost: lb\r\n\r\n")
+        [(status, _, body)] = await read_responses(reader, 1)
+        writer.write(b"POST /change_strategy#x HTTP/1.1\r\nHost: lb\r\nContent-Length: 0\r\n\r\n")
+        [(status2, _, _)] = await read_responses(reader, 1)
+        writer.close()
+    assert status == 200 and json.loads(body)["strategy"] == "round_robin"
+    assert status2 == 415  # the admin route (loopback caller) looked at it, not a backend
+    assert backend.requests == []
