@@ -500,6 +500,8 @@ class ProxyProtocol(asyncio.Protocol):
                 self.state = BUSY
                 await self._answer(item)
                 queue.popleft()
+                if self._write_paused and not await self._writable():  # the client reads slower than
+                    break  # it pipelines: answer no more (the queue then pauses reading) until it catches up
                 if len(queue) <= MAX_PIPELINED // 2:
                     self.resume("queue")
                 if not item.keep_alive or item.content.error is not None:
@@ -596,12 +598,8 @@ class ProxyProtocol(asyncio.Protocol):
                 if self.transport is None:
                     raise ConnectionResetError("client closed the connection")
                 transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
-                if self._write_paused:
-                    self._drain = self._loop.create_future()
-                    try:
-                        await self._drain
-                    finally:
-                        self._drain = None
+                if self._write_paused and not await self._writable():
+                    raise ConnectionResetError("client closed the connection")
         except ConnectionError:
             log.info("client went away while a response was streamed to it")
             reply.abandoned()
@@ -617,6 +615,17 @@ class ProxyProtocol(asyncio.Protocol):
         reply.finished()
 
     # flow control and shutdown
+
+    async def _writable(self) -> bool:
+        """Wait for the transport to drop below its write high-water mark; False if the client left."""
+        self._drain = self._loop.create_future()
+        try:
+            await self._drain
+        except ConnectionError:
+            return False
+        finally:
+            self._drain = None
+        return True
 
     def pause(self, reason: str) -> None:
         if not self._paused and self.transport is not None:

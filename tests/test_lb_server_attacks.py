@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import h11
 from test_lb_server import open_client, read_responses
@@ -82,3 +83,34 @@ async def test_own_route_with_a_fragment_is_served_by_the_balancer_not_proxied()
     assert status == 200 and json.loads(body)["strategy"] == "round_robin"
     assert status2 == 415  # the admin route (loopback caller) looked at it, not a backend
     assert backend.requests == []
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@async_test
+async def test_client_that_never_reads_cannot_make_the_balancer_buffer_every_pipelined_answer() -> None:
+    """Answers that fit in one write (buffered bodies, error and cached replies) were written without
+    looking at the transport's high-water mark, and the pipeline queue drained as fast as the backend
+    answered: 12 KB of pipelined GETs for 512 KB answers made the balancer hold 200 MB for a client
+    that reads nothing (here 120 GETs for 256 KB answers: about 30 MB)."""
+    size = 256 * 1024
+    backend = RawRecorder(body=b"x" * size)
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        reader, writer = await open_client(h.url)
+        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: lb\r\n\r\n" * 120)
+        await writer.drain()
+        [conn] = lean_connections(h)
+        assert conn.transport is not None
+        peak = 0
+        for _ in range(20):  # a second: unbounded, it held all 30 MB by then
+            await asyncio.sleep(0.05)
+            peak = max(peak, conn.transport.get_write_buffer_size())
+        assert peak < 4 * 1024 * 1024, f"{peak} bytes buffered for a client that reads nothing"
+        assert len(backend.requests) < 60
+        # once the client reads, every answer arrives, in order, intact
+        answers = await read_responses(reader, 120)
+        writer.close()
+    assert all(status == 200 and len(body) == size for status, _, body in answers)
+    assert len(backend.requests) == 120
