@@ -554,6 +554,14 @@ class ProxyProtocol(asyncio.Protocol):
             if not isinstance(reply, web.Response):
                 reply.abandoned()
             return
+        if request.content.error is not None:  # the body failed: nothing more is read from this client
+            malformed = self._queue[-1]  # when the parser refused the body, its 400 is queued last
+            if isinstance(malformed, bytes) and malformed:
+                if not isinstance(reply, web.Response):
+                    reply.abandoned()
+                request.keep_alive = False
+                transport.write(malformed)  # the answer to this request, in place of the proxy's
+                return
         close = self._closing or not request.keep_alive or not request.content.complete
         framing = ["Connection: close"] if close else []
         if request.keep_alive and not close and request.version == "1.0":

@@ -11,7 +11,7 @@ import json
 import socket
 
 import h11
-from test_lb_server import open_client, read_responses
+from test_lb_server import open_client, read_responses, wait_until
 from test_load_balancer import Harness, async_test, make_config, raw_backend, running_lb
 
 from lb_server import ProxyProtocol
@@ -114,3 +114,26 @@ async def test_client_that_never_reads_cannot_make_the_balancer_buffer_every_pip
         writer.close()
     assert all(status == 200 and len(body) == size for status, _, body in answers)
     assert len(backend.requests) == 120
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+@async_test
+async def test_malformed_chunked_body_is_answered_400_and_closes_not_499() -> None:
+    """The parser's 400 for a malformed chunk was queued behind the request, which the proxy then
+    answered itself (499 "client closed request", without Connection: close) before the connection
+    was closed; the client sent a bad body and must be told so."""
+    backend = RawRecorder()
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        reader, writer = await open_client(h.url)
+        writer.write(b"POST /u HTTP/1.1\r\nHost: lb\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await wait_until(lambda: bool(backend.raw) and b"hello" in backend.raw[0])
+        writer.write(b"5\r\nworldXX0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: lb\r\n\r\n")
+        [(status, headers, body)] = await read_responses(reader, 1)
+        assert await reader.read() == b""
+        writer.close()
+        await wait_until(lambda: not h.lb.upstream._idle.get(url) and h.backend(url).active == 0)
+    assert status == 400 and headers[b"connection"] == b"close"
+    assert json.loads(body)["error"] == "bad_request"
+    assert backend.requests == []  # the cut-off upload never looked complete to the backend
