@@ -298,9 +298,10 @@ class ProxyProtocol(asyncio.Protocol):
     first request that aiohttp must serve hands the connection over: once the requests before it
     are answered, aiohttp's handler takes the transport and the bytes from that request's first
     byte on. To know where that is, the bytes since the last point the parser was between requests
-    are kept (``_raw``); a request body larger than ``TRACK_LIMIT`` that ends mid-read drops them,
-    and a request for aiohttp pipelined right behind it closes the connection after the answers
-    before it instead (a pipelining client resends unanswered requests on a new connection).
+    are kept (``_raw``); past ``TRACK_LIMIT`` (a large request body, or a pipelining client whose
+    reads never end between requests) they are dropped until a read ends between requests again,
+    and a request for aiohttp in that stretch closes the connection after the answers before it
+    instead (a pipelining client resends unanswered requests on a new connection).
     """
 
     def __init__(self, server: GuardedServer) -> None:
@@ -393,8 +394,8 @@ class ProxyProtocol(asyncio.Protocol):
             else:
                 self._raw.clear()
             self._begun = 0
-        elif self._raw is not None and len(self._raw) > TRACK_LIMIT and self._parsing is not None:
-            self._raw = None  # a large body: the next boundary is the end of the next read between requests
+        elif self._raw is not None and len(self._raw) > TRACK_LIMIT:
+            self._raw = None  # a large body, or reads that keep ending mid-request: wait for the next boundary
 
     # parser callbacks
 

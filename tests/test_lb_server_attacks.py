@@ -14,7 +14,7 @@ import h11
 from test_lb_server import open_client, read_responses, wait_until
 from test_load_balancer import Harness, async_test, make_config, raw_backend, running_lb
 
-from lb_server import ProxyProtocol
+from lb_server import TRACK_LIMIT, ProxyProtocol
 
 
 class RawRecorder:
@@ -137,3 +137,41 @@ async def test_malformed_chunked_body_is_answered_400_and_closes_not_499() -> No
     assert status == 400 and headers[b"connection"] == b"close"
     assert json.loads(body)["error"] == "bad_request"
     assert backend.requests == []  # the cut-off upload never looked complete to the backend
+
+
+@async_test
+async def test_bytes_kept_for_a_hand_over_stay_bounded_when_reads_never_end_between_requests() -> None:
+    """The raw bytes kept to find a hand-over offset were dropped past TRACK_LIMIT only inside a
+    large body: a keep-alive client whose reads always end mid-request (pipelining, or writes that
+    straddle requests) made the balancer keep every byte of the connection, and a later hand-over
+    bisected all of them with llhttp on the event loop."""
+    backend = RawRecorder()
+    request = b"GET /x HTTP/1.1\r\nHost: lb\r\n\r\n"
+    count = 8000  # 248 KB in all
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False)) as h:
+        reader, writer = await open_client(h.url)
+
+        async def read_all() -> None:
+            seen = 0
+            while seen < count:
+                seen += (await reader.read(1 << 16)).count(b"HTTP/1.1 200")
+
+        answers = asyncio.create_task(read_all())
+        stream = request * count
+        writer.write(stream[:5])  # every later write ends five bytes into a request
+        [conn] = lean_connections(h)
+        peak = 0
+        for start in range(5, len(stream) - len(request), len(request)):
+            writer.write(stream[start : start + len(request)])
+            await writer.drain()
+            await asyncio.sleep(0.0002)
+            peak = max(peak, len(conn._raw or b""))
+        writer.write(stream[start + len(request) :])
+        async with asyncio.timeout(10):
+            await answers
+        writer.write(b"GET /stats HTTP/1.1\r\nHost: lb\r\n\r\n")  # at a boundary again: handed over as usual
+        [(status, _, body)] = await read_responses(reader, 1)
+        writer.close()
+    assert peak <= TRACK_LIMIT + 64 * 1024, f"{peak} raw bytes kept"
+    assert status == 200 and json.loads(body)["strategy"] == "round_robin"
+    assert len(backend.requests) == count
