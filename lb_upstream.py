@@ -267,8 +267,11 @@ class UpstreamConnection(asyncio.Protocol):
                 if len(self._buf) > MAX_HEAD_BYTES:
                     raise ValueError("response head too large")
                 return False
-            lines = bytes(self._buf[:end]).decode("utf-8", "replace").split("\r\n")
+            head = bytes(self._buf[:end])
             del self._buf[: end + 4]
+            if b"\x00" in head:  # RFC 9110 5.5: reject, never relay (a client's parser may cut the line there)
+                raise ValueError("NUL in the response head")
+            lines = head.decode("utf-8", "replace").split("\r\n")
             if any("\n" in line or "\r" in line for line in lines):  # never relayed: it would split the client's head
                 raise ValueError("bare CR or LF in the response head")
             version, _, rest = lines[0].partition(" ")

@@ -12,7 +12,7 @@ import socket
 
 import h11
 from test_lb_server import open_client, read_responses, wait_until
-from test_load_balancer import Harness, async_test, make_config, raw_backend, running_lb
+from test_load_balancer import Harness, async_test, make_config, raw_backend, raw_exchange, read_head, running_lb
 
 from lb_server import TRACK_LIMIT, ProxyProtocol
 
@@ -175,3 +175,24 @@ async def test_bytes_kept_for_a_hand_over_stay_bounded_when_reads_never_end_betw
     assert peak <= TRACK_LIMIT + 64 * 1024, f"{peak} raw bytes kept"
     assert status == 200 and json.loads(body)["strategy"] == "round_robin"
     assert len(backend.requests) == count
+
+
+# --------------------------------------------------------------------------- responses
+
+
+@async_test
+async def test_backend_header_with_a_nul_is_never_relayed() -> None:
+    """RFC 9110 (5.5): a field value with CR, LF or NUL must be rejected. Bare CR and LF already
+    were (they would split the client's head); a NUL reached the client, whose parser may end the
+    value (or the line) there."""
+
+    async def nul_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Evil: a\x00Set-Cookie: s=1\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async with raw_backend(nul_header) as url, running_lb(make_config([url], checks=False, retries=0)) as h:
+        out = await raw_exchange(h.url, b"GET /x HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 502 ")
+    assert b"\x00" not in out and b"X-Evil" not in out
