@@ -95,7 +95,7 @@ NO_SUBJECT, MISSING, DECIDED = MetaCode.NO_SUBJECT, MetaCode.MISSING, MetaCode.D
 BLOCKED_OR_FLAGGED, NEEDS_POLICY = MetaCode.BLOCKED_OR_FLAGGED, MetaCode.NEEDS_POLICY
 NO_CREDITS, ENOUGH, SHORT = CreditCode.NO_CREDITS, CreditCode.ENOUGH, CreditCode.SHORT
 
-NO_HIT = StrategyRaw(0, 0, 0, 0)  # the subject hit of a reply where no limit decided
+NO_HIT: StrategyRaw = (0, 0, 0, 0)  # the subject hit of a reply where no limit decided
 
 
 class CheckReply(NamedTuple):

@@ -127,31 +127,25 @@ class MemoryStore:
 
     def _flags(self, keys: list[str], now: int) -> tuple[int, ...]:
         """The flags (keys after the sixth) read first, as in the scripts: a flagged request skips the subject hit."""
-        return tuple(int((self._get(k, now) or 0) > now) for k in keys[6:]) if len(keys) > 6 else ()
-
-    def _ip_gate(self, keys: list[str], now: int, ip: str) -> tuple[int, int]:
-        """The IP's active ban end (0: none) and its bans in the last day."""
-        return self._get(keys[0], now) or 0, self._ban_count(keys[1], now)
-
-    def _ip_count(self, keys: list[str], now: int, ip: str) -> tuple[int, int] | None:
-        """Count the request against the IP; over the limit starts a ban: (bans, its end), else None."""
-        policy = self.policy
-        if self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
-            return None
-        return self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
+        return tuple(int((self._get(k, now) or 0) > now) for k in keys[6:])
 
     def check(self, keys: list[str], now: int, ip: str, has_subject: int) -> CheckReply:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            flags = self._flags(keys, now)
-            return self._check(keys, now, ip, has_subject, 1 in flags, flags)
+            if len(keys) > 6:
+                flags = self._flags(keys, now)
+                return self._check(keys, now, ip, has_subject, 1 in flags, flags)
+            return self._check(keys, now, ip, has_subject, False, ())
 
     def _check(self, keys: list[str], now: int, ip: str, has_subject: int, flagged: bool,
                flags: tuple[int, ...]) -> CheckReply:
+        # The IP's steps are written out here and in _check_policy, not in helpers: this runs on every request.
+        policy = self.policy
         ip_code, bans = NOT_CHECKED, 0
         if ip:
-            until, bans = self._ip_gate(keys, now, ip)
+            until = self._get(keys[0], now) or 0
+            bans = self._ban_count(keys[1], now)
             if until > now:
                 return _new_tuple(CheckReply, (BANNED, until, bans, NO_SUBJECT, "", 0, NO_HIT, 0, flags))
             ip_code = IP_OK
@@ -163,16 +157,15 @@ class MemoryStore:
             tier, blocked = meta[0], meta[1]
             if len(meta) > 2 and _needs_policy(meta, now):  # override or credits: the policy path decides
                 return _new_tuple(CheckReply, (ip_code, 0, bans, NEEDS_POLICY, "", 0, NO_HIT, 0, flags))
-            limit = self.policy.tier_limits.get(tier, self.policy.default_limit)
-        if ip:
-            ban = self._ip_count(keys, now, ip)
-            if ban is not None:
-                return _new_tuple(CheckReply, (BAN_STARTED, ban[1], ban[0], NO_SUBJECT, "", 0, NO_HIT, 0, flags))
+            limit = policy.tier_limits.get(tier, policy.default_limit)
+        if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
+            return _new_tuple(CheckReply, (BAN_STARTED, until, n, NO_SUBJECT, "", 0, NO_HIT, 0, flags))
         if not has_subject:
             return _new_tuple(CheckReply, (ip_code, 0, bans, NO_SUBJECT, "", 0, NO_HIT, 0, flags))
         if blocked or flagged:
             return _new_tuple(CheckReply, (ip_code, 0, bans, BLOCKED_OR_FLAGGED, tier, blocked, NO_HIT, limit, flags))
-        hit = self._apply(self.strategy, keys[5], now, limit, self.policy.window, 1, 1 if has_subject == 1 else 0)
+        hit = self._apply(self.strategy, keys[5], now, limit, policy.window, 1, 1 if has_subject == 1 else 0)
         return _new_tuple(CheckReply, (ip_code, 0, bans, DECIDED, tier, 0, hit, limit, flags))
 
     def set_meta(self, key: str, now: int, tier: str, blocked: bool) -> None:
@@ -194,9 +187,11 @@ class MemoryStore:
 
     def _check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
                       routes: Sequence[RuleLimit], flagged: bool, flags: tuple[int, ...]) -> PolicyReply:
+        policy = self.policy
         ip_code, bans = NOT_CHECKED, 0
         if ip:
-            until, bans = self._ip_gate(keys, now, ip)
+            until = self._get(keys[0], now) or 0
+            bans = self._ban_count(keys[1], now)
             if until > now:
                 return PolicyReply(BANNED, until, bans, NO_SUBJECT, "", 0, 0, NO_CREDITS, 0, "", (), flags)
             ip_code = IP_OK
@@ -205,10 +200,9 @@ class MemoryStore:
             meta = self._get(keys[4], now)
             if meta is None:
                 return PolicyReply(ip_code, 0, bans, MISSING, "", 0, 0, NO_CREDITS, 0, "", (), flags)
-        if ip:
-            ban = self._ip_count(keys, now, ip)
-            if ban is not None:
-                return PolicyReply(BAN_STARTED, ban[1], ban[0], NO_SUBJECT, "", 0, 0, NO_CREDITS, 0, "", (), flags)
+        if ip and not self._apply(self.ip_log, keys[2], now, policy.ip_limit, policy.ip_window, 1, 1)[0]:
+            n, until = self._start_ban(ip, now, 0, policy.ban_us, policy.ban_multiplier, policy.ban_cap)
+            return PolicyReply(BAN_STARTED, until, n, NO_SUBJECT, "", 0, 0, NO_CREDITS, 0, "", (), flags)
         if meta is None:
             return PolicyReply(ip_code, 0, bans, NO_SUBJECT, "", 0, 0, NO_CREDITS, 0, "", (), flags)
         tier, blocked = meta[0], meta[1]

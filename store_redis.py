@@ -350,7 +350,7 @@ def _check_reply(out: list) -> CheckReply:
     flags...]`` as a CheckReply (ResponseError when it is not one)."""
     try:
         return _new_tuple(CheckReply, (IP_CODES[out[0]], out[1], out[2], META_CODES[out[3]], out[4].decode(),
-                                       out[5], _new_tuple(StrategyRaw, out[6:10]), out[10], tuple(out[11:])))
+                                       out[5], (out[6], out[7], out[8], out[9]), out[10], tuple(out[11:])))
     except (AttributeError, IndexError, TypeError):
         raise redis.ResponseError(f"unexpected reply to the check script: {out!r:.80}") from None
 
@@ -364,7 +364,7 @@ def _policy_reply(reply: Any, flags: int) -> PolicyReply:
         end = HEADER + out[HEADER - 1] * GROUP
         if len(out) != end + flags:
             raise ValueError("wrong length")
-        limits = tuple(_new_tuple(StrategyRaw, out[j:j + GROUP]) for j in range(HEADER, end, GROUP))
+        limits = tuple((out[j], out[j + 1], out[j + 2], out[j + 3]) for j in range(HEADER, end, GROUP))
         return _new_tuple(PolicyReply, (IP_CODES[out[0]], out[1], out[2], META_CODES[out[3]], tier.decode(), out[5],
                                         out[6], CREDIT_CODES[out[7]], out[8], applied.decode(), limits,
                                         tuple(out[end:])))
@@ -493,7 +493,8 @@ class RedisStore:
             raise redis.ResponseError("unexpected reply to PING")
 
     def hit(self, key: str, now: int, limit: int, window: int, cost: int, record: int) -> StrategyRaw:
-        return _new_tuple(StrategyRaw, self._eval("hit", (key,), (now, limit, window, cost, record, new_nonce()), 4))
+        allowed, a, b, c = self._eval("hit", (key,), (now, limit, window, cost, record, new_nonce()), 4)
+        return allowed, a, b, c
 
     def check(self, keys: list[str], now: int, ip: str, has_subject: int) -> CheckReply:
         return _check_reply(self._eval("check", keys, (now, new_nonce(), ip, str(int(has_subject))), len(keys) + 5))
@@ -887,7 +888,7 @@ class ClusterStore(RedisStore):
             elif meta_code == BLOCKED_OR_FLAGGED or 1 in flags:
                 meta, tier, blocked, limit = BLOCKED_OR_FLAGGED, tier_name.decode(), blocked_, limit_
             else:
-                meta, tier, hit, limit = DECIDED, tier_name.decode(), StrategyRaw(allowed, a, b, c), limit_
+                meta, tier, hit, limit = DECIDED, tier_name.decode(), (allowed, a, b, c), limit_
             if recorded and (ip_code >= BANNED or 1 in flags):
                 after.append((keys[5], (b"EVALSHA", self._sha["undo"], 1, keys[5], now, nonce, limit_)))
         if after:
