@@ -182,7 +182,7 @@ class MemoryStore:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            flags = self._flags(keys, now)
+            flags = self._flags(keys, now) if len(keys) > 6 else ()
             return self._check_policy(keys, now, ip, mode, cost, periods, routes, 1 in flags, flags)
 
     def _check_policy(self, keys: list[str], now: int, ip: str, mode: int, cost: int, periods: tuple[str, str],
