@@ -14,8 +14,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from redis_wire import SCHEMES as STORE_SCHEMES
 from redis_wire import parse_store_url
+from store import CLUSTER, MEMORY, url_kind, valid_schemes
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Config:
 
     @property
     def store_kind(self) -> str:
-        return "memory" if self.storage_url.startswith("memory://") else "redis"
+        return "memory" if url_kind(self.storage_url) == MEMORY else "redis"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -260,9 +260,10 @@ class Config:
             raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.fail_mode not in FAIL_MODES:
             raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
-        if not self.storage_url.startswith(("memory://", *STORE_SCHEMES)):
-            raise ConfigError(f"REDIS_URL must start with {', '.join(STORE_SCHEMES)}, got {self.storage_url!r}")
-        if self.storage_url != "memory://":
+        kind = url_kind(self.storage_url)
+        if kind is None:
+            raise ConfigError(f"REDIS_URL must start with one of {valid_schemes()}, got {self.storage_url!r}")
+        if kind != MEMORY:
             try:
                 parse_store_url(self.storage_url)
             except ValueError as exc:
@@ -270,7 +271,7 @@ class Config:
         if not MIN_IPV6_PREFIX <= self.ipv6_prefix_length <= 128:
             raise ConfigError(f"IPV6_PREFIX_LENGTH must be between {MIN_IPV6_PREFIX} and 128, "
                               f"got {self.ipv6_prefix_length}")
-        if self.policy_path and self.storage_url.startswith("redis+cluster://"):
+        if self.policy_path and kind == CLUSTER:
             raise ConfigError("RATELIMIT_POLICY is not supported with a redis+cluster:// store yet; "
                               "use one Redis or redis+sentinel://")
         if self.env not in ("development", "production", "testing"):

@@ -1,11 +1,10 @@
 """The Redis wire client of the limiter's hot path, and how it finds the node that owns a key.
 
 ``RespConnection`` speaks RESP2 over a blocking socket with kernel-level timeouts: redis-py's
-per-command machinery costs more than a loopback round trip. ``parse_store_url`` reads the
-storage URL forms (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
-``redis+cluster://``); ``SentinelResolver`` asks Sentinel which node is the master, and
-``SlotMap`` learns a Redis Cluster's slot -> master map from ``CLUSTER SLOTS``. Nothing here
-decides a rate limit.
+per-command machinery costs more than a loopback round trip. ``parse_store_url`` reads the Redis
+storage URLs of the scheme registry (store.STORE_SCHEMES); ``SentinelResolver`` asks Sentinel which
+node is the master, and ``SlotMap`` learns a Redis Cluster's slot -> master map from ``CLUSTER SLOTS``.
+Nothing here decides a rate limit.
 """
 
 from __future__ import annotations
@@ -21,13 +20,12 @@ import redis
 from redis.connection import parse_url
 from redis.crc import key_slot as _key_slot
 
+from store import CLUSTER, PLAIN, SENTINEL, url_kind, valid_schemes
+
 CONNECT_TIMEOUT, OP_TIMEOUT = 0.5, 1.0
 SLOTS = 16384
 Addr = tuple[str, int]
 
-PLAIN_SCHEMES = ("redis://", "rediss://", "unix://")
-SENTINEL_SCHEME, CLUSTER_SCHEME = "redis+sentinel://", "redis+cluster://"
-SCHEMES = (*PLAIN_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 
 class ConnectFailed(redis.ConnectionError):
@@ -39,7 +37,7 @@ class ConnectFailed(redis.ConnectionError):
 class StoreSpec(NamedTuple):
     """A parsed Redis storage URL. ``params`` are the connection settings of every node."""
 
-    kind: str  # "plain", "sentinel" or "cluster"
+    kind: str  # store.PLAIN, SENTINEL or CLUSTER: the scheme's kind in store.STORE_SCHEMES
     params: dict[str, Any]  # host/port (or path), password, username, db, ssl
     nodes: tuple[Addr, ...] = ()  # sentinels, or cluster seed nodes
     service: str = ""  # Sentinel service (master) name
@@ -83,17 +81,17 @@ def parse_store_url(url: str) -> StoreSpec:
     the master and, when they ask for one, to the sentinels. ``redis+cluster://[user:pass@]h1:p1,h2:p2``
     names seed nodes; the rest of the cluster is learned from them.
     """
-    if url.startswith(PLAIN_SCHEMES):
+    kind = url_kind(url)
+    if kind == PLAIN:
         try:
             plain = parse_url(url)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"storage URL {_redact(url)!r} is malformed: {exc}") from None
-        if not url.startswith("unix://") and not plain.get("host"):
+        if not url.startswith("unix://") and not plain.get("host"):  # a socket URL names a path instead
             raise ValueError(f"storage URL {_redact(url)!r} names no host")
-        return StoreSpec("plain", plain)
-    if not url.startswith((SENTINEL_SCHEME, CLUSTER_SCHEME)):
-        raise ValueError(f"unknown storage URL {_redact(url)!r}; valid schemes: memory://, {', '.join(SCHEMES)}")
-    kind = "sentinel" if url.startswith(SENTINEL_SCHEME) else "cluster"
+        return StoreSpec(PLAIN, plain)
+    if kind not in (SENTINEL, CLUSTER):
+        raise ValueError(f"unknown storage URL {_redact(url)!r}; valid schemes: {valid_schemes()}")
     rest = url.split("://", 1)[1]
     netloc, _, path = rest.partition("/")
     path, _, query = path.partition("?")
@@ -109,9 +107,9 @@ def parse_store_url(url: str) -> StoreSpec:
             params["password"] = urllib.parse.unquote(password)
     if not hosts:
         raise ValueError(f"storage URL {_redact(url)!r} names no host")
-    nodes = _addresses(hosts, 26379 if kind == "sentinel" else 6379, url)
+    nodes = _addresses(hosts, 26379 if kind == SENTINEL else 6379, url)
     parts = [p for p in path.split("/") if p]
-    if kind == "cluster":
+    if kind == CLUSTER:
         if parts and parts != ["0"]:
             raise ValueError(f"storage URL {_redact(url)!r}: Redis Cluster has only database 0")
         return StoreSpec(kind, params, nodes)

@@ -12,8 +12,9 @@ from other processes on the machine hits both sides of each ratio alike.
 Policy cases (several limits in one decision, policy.py): ``check_policy`` with one limit, three limits
 (100/minute, 1000/hour, 10000/day) and a route of cost 5, each with the per-IP check as on the hot path;
 the peer is ``limits`` (moving window) checking the same three limits as separate calls, as
-Flask-Limiter does. ``--baseline`` also runs ``check_request`` of another checkout's limiter.py in
-the same interleaved runs (the default path before and after a change).
+Flask-Limiter does. ``--baseline`` also runs another checkout's limiter.py in the same interleaved
+runs: its ``hit`` (sliding_window), ``check_request`` and ``check_policy`` (3 limits), for a
+before/after ratio of each (the baseline must import against this checkout's other modules).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute
@@ -57,24 +59,25 @@ def timed(decide: Callable[[str], object], subjects: list[str], n: int) -> float
     return n / (time.perf_counter() - start)
 
 
-def ours(url: str, strategy: str, prefixes: list[str]) -> Callable[[], Callable[[str], object]]:
+def ours(url: str, strategy: str, prefixes: list[str], cls: Any = RateLimiter) -> Callable[[], Callable[[str], object]]:
     def setup() -> Callable[[str], object]:
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         prefixes.append(prefix)
-        limiter = RateLimiter(url, strategy, tier_limits=TIERS, key_prefix=prefix)
+        limiter = cls(url, strategy, tier_limits=TIERS, key_prefix=prefix)
         LIVE.append(limiter)
         return lambda subject: limiter.hit(subject, LIMIT)
 
     return setup
 
 
-def ours_check_request(url: str, prefixes: list[str], subjects: list[str]) -> Callable[[], Callable[[str], object]]:
+def ours_check_request(url: str, prefixes: list[str], subjects: list[str],
+                       cls: Any = RateLimiter) -> Callable[[], Callable[[str], object]]:
     """The full hot path: IP ban check and count, meta read, subject hit; one client IP per subject."""
 
     def setup() -> Callable[[str], object]:
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         prefixes.append(prefix)
-        limiter = RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9)
+        limiter = cls(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9)
         LIVE.append(limiter)
         for subject in subjects:
             limiter.set_meta(subject, tier="free", blocked=False)
@@ -84,14 +87,14 @@ def ours_check_request(url: str, prefixes: list[str], subjects: list[str]) -> Ca
 
 
 def ours_policy(url: str, prefixes: list[str], subjects: list[str], limits: list[str], *, route: Route | None = None,
-                cost: int = 1) -> Callable[[], Callable[[str], object]]:
+                cost: int = 1, cls: Any = RateLimiter) -> Callable[[], Callable[[str], object]]:
     """check_policy: every limit of the tier (and the route's) in one atomic store call, IP included."""
     rules = parse_policy({"tiers": {"free": limits}}, "bench", TIERS, 60)
 
     def setup() -> Callable[[str], object]:
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         prefixes.append(prefix)
-        limiter = RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9, rules=rules)
+        limiter = cls(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9, rules=rules)
         LIVE.append(limiter)
         for subject in subjects:
             limiter.set_meta(subject, tier="free", blocked=False)
@@ -100,24 +103,13 @@ def ours_policy(url: str, prefixes: list[str], subjects: list[str], limits: list
     return setup
 
 
-def baseline_check_request(path: str, url: str, prefixes: list[str],
-                           subjects: list[str]) -> Callable[[], Callable[[str], object]]:
-    """check_request of another checkout's limiter.py (e.g. before a change), loaded under its own name."""
+def baseline_limiter(path: str) -> Any:
+    """RateLimiter of another checkout's limiter.py (e.g. before a change), loaded under its own name."""
     spec = importlib.util.spec_from_file_location("limiter_baseline", Path(path) / "limiter.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-
-    def setup() -> Callable[[str], object]:
-        prefix = f"bench{uuid.uuid4().hex[:8]}"
-        prefixes.append(prefix)
-        limiter = module.RateLimiter(url, tier_limits=TIERS, key_prefix=prefix, ip_limit=10**9)
-        LIVE.append(limiter)
-        for subject in subjects:
-            limiter.set_meta(subject, tier="free", blocked=False)
-        return lambda subject: limiter.check_request("ip-" + subject, subject)
-
-    return setup
+    return module.RateLimiter
 
 
 def theirs_several(url: str, prefixes: list[str]) -> Callable[[], Callable[[str], object]]:
@@ -210,10 +202,14 @@ def main() -> None:
             if not args.only or strategy == "sliding_window":
                 cases.append((store, f"ours {strategy}", n, ours(url, strategy, prefixes)))
         cases.append((store, "ours check_request", n, ours_check_request(url, prefixes, subjects)))
-        if args.baseline:
-            cases.append((store, "baseline check_request", n, baseline_check_request(args.baseline, url, prefixes,
-                                                                                      subjects)))
         three = [f"{LIMIT}/minute", f"{10 * LIMIT}/hour", f"{100 * LIMIT}/day"]
+        if args.baseline:
+            before = baseline_limiter(args.baseline)
+            cases += [
+                (store, "baseline sliding_window", n, ours(url, "sliding_window", prefixes, before)),
+                (store, "baseline check_request", n, ours_check_request(url, prefixes, subjects, before)),
+                (store, "baseline policy 3 limits", n, ours_policy(url, prefixes, subjects, three, cls=before)),
+            ]
         cases += [
             (store, "ours policy 1 limit", n, ours_policy(url, prefixes, subjects, [f"{LIMIT}/minute"])),
             (store, "ours policy 3 limits", n, ours_policy(url, prefixes, subjects, three)),
@@ -279,9 +275,10 @@ def report(rates: dict[tuple[str, str], list[float]], vs_ping: dict[str, list[fl
         print(f"target {store}: policy 3 limits / limits 3 limits = {three:.2f}x (>= 2x: {three >= 2})")
         one = paired("ours policy 1 limit", "ours check_request")
         print(f"{store}: policy 1 limit / check_request = {one:.2f}x")
-        if (store, "baseline check_request") in rates:
-            same = paired("ours check_request", "baseline check_request")
-            print(f"target {store}: check_request / baseline check_request = {same:.3f}x (>= 0.95: {same >= 0.95})")
+        for case in ("sliding_window", "check_request", "policy 3 limits"):
+            if (store, f"baseline {case}") in rates:
+                same = paired(f"ours {case}", f"baseline {case}")
+                print(f"{store}: ours {case} / baseline {case} = {same:.3f}x")
 
 
 if __name__ == "__main__":

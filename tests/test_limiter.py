@@ -26,7 +26,7 @@ from tests.services import ROOT
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import limiter as limiter_module  # noqa: E402
+import redis_wire  # noqa: E402
 from limiter import (  # noqa: E402
     STRATEGIES,
     LimitResult,
@@ -795,7 +795,7 @@ BAD_REPLIES = {
 @pytest.mark.parametrize("case", list(BAD_REPLIES))
 @pytest.mark.parametrize("fail_mode", ["memory", "closed"])
 def test_broken_replies_never_escape_and_drop_the_connection(clock, monkeypatch, case, fail_mode):
-    monkeypatch.setattr(limiter_module, "OP_TIMEOUT", 0.2)
+    monkeypatch.setattr(redis_wire, "OP_TIMEOUT", 0.2)
     reply, close = BAD_REPLIES[case]
     fake = FakeRedis(reply, close)
     rl = RateLimiter(f"redis://127.0.0.1:{fake.port}/0", tier_limits=TIERS, clock=clock, fail_mode=fail_mode)
@@ -820,9 +820,9 @@ def test_broken_replies_never_escape_and_drop_the_connection(clock, monkeypatch,
 def test_resp_read_raises_connection_error_on_a_short_bulk(monkeypatch):
     import redis
 
-    monkeypatch.setattr(limiter_module, "OP_TIMEOUT", 0.2)
+    monkeypatch.setattr(redis_wire, "OP_TIMEOUT", 0.2)
     fake = FakeRedis(b"$10\r\nabc")
-    conn = limiter_module._RespConnection({"host": "127.0.0.1", "port": fake.port})
+    conn = redis_wire.RespConnection({"host": "127.0.0.1", "port": fake.port})
     try:
         with pytest.raises(redis.ConnectionError):
             conn.call(b"GET", b"x")

@@ -204,20 +204,20 @@ def test_no_limit_is_spent_by_a_refused_request_under_concurrency(store, strateg
 
 def test_a_policy_decision_is_one_redis_round_trip(monkeypatch):
     require_redis()
-    import limiter as limiter_module
+    from redis_wire import RespConnection
 
     limiter = make_limiter(REDIS_URL, "sliding_window", FakeClock(T0))
     try:
         limiter.set_meta("k:1", tier="free", blocked=False)
         limiter.check_policy("1.2.3.4", "k:1", route=ROUTES[1], cost=2)  # the script is loaded
         calls: list[bytes] = []
-        original = limiter_module._RespConnection.call
+        original = RespConnection.call
 
         def counting(self, *args):
             calls.append(args[0])
             return original(self, *args)
 
-        monkeypatch.setattr(limiter_module._RespConnection, "call", counting)
+        monkeypatch.setattr(RespConnection, "call", counting)
         monkeypatch.setattr(limiter._store._client, "execute_command", lambda *a, **k: pytest.fail("redis-py used"))
         decision = limiter.check_policy("1.2.3.4", "k:1", route=ROUTES[1], cost=2)
         assert calls == [b"EVALSHA"] and len(decision.limits) == 3
