@@ -173,12 +173,20 @@ class SentinelServers(Topology):
         return int(reply[1])
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Every sentinel agrees on a master that says it is one and has a replica in sync."""
+        """Every sentinel agrees on a master that says it is one and has a replica in sync, and knows the
+        other sentinels and that replica: without them a killed master is never failed over (a quorum
+        of 2 needs a sentinel that heard of the others, and a failover needs a replica to promote)."""
         def ok() -> bool:
             masters = {int(redis.Redis(port=p).execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)[1])
                        for p in self.sentinel_ports}
             if len(masters) != 1:
                 return False
+            for port in self.sentinel_ports:
+                sentinel = redis.Redis(port=port, decode_responses=True)
+                if len(sentinel.sentinel_sentinels(SERVICE)) != len(self.sentinel_ports) - 1:
+                    return False
+                if not any(not r["is_sdown"] for r in sentinel.sentinel_slaves(SERVICE)):
+                    return False
             info = self.client(masters.pop()).info("replication")
             return info["role"] == "master" and info.get("connected_slaves", 0) >= 1 and \
                 info["slave0"]["state"] == "online"
