@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from redis_wire import parse_store_url
+from redis_wire import parse_store_url, redact_url
 from store import CLUSTER, MEMORY, url_kind, valid_schemes
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ class Config:
             raise ConfigError(f"RATELIMIT_FAIL_MODE must be one of {', '.join(FAIL_MODES)}, got {self.fail_mode!r}")
         kind = url_kind(self.storage_url)
         if kind is None:
-            raise ConfigError(f"REDIS_URL must start with one of {valid_schemes()}, got {self.storage_url!r}")
+            shown = redact_url(self.storage_url)
+            raise ConfigError(f"REDIS_URL must start with one of {valid_schemes()}, got {shown!r}")
         if kind != MEMORY:
             try:
                 parse_store_url(self.storage_url)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from policy import default_policy, limit_name
+from redis_wire import redact_url
 from refusal_cache import EVERYTHING, RefusalCache
 from store import (
     BAN_STARTED,
@@ -146,7 +147,7 @@ class RateLimiter:
                  rules: Any = None) -> None:
         kind = url_kind(storage_url)
         if kind is None:
-            raise ValueError(f"unknown storage URL {storage_url!r}; valid schemes: {valid_schemes()}")
+            raise ValueError(f"unknown storage URL {redact_url(storage_url)!r}; valid schemes: {valid_schemes()}")
         if fail_mode not in FAIL_MODES:
             raise ValueError(f"unknown fail_mode {fail_mode!r}; valid: {', '.join(FAIL_MODES)}")
         if not tier_limits:

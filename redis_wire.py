@@ -53,18 +53,18 @@ def _addresses(netloc: str, default_port: int, url: str) -> tuple[Addr, ...]:
         else:
             host, _, port_text = part.rpartition(":") if ":" in part else (part, "", "")
         if not host:
-            raise ValueError(f"storage URL {_redact(url)!r} names an empty host")
+            raise ValueError(f"storage URL {redact_url(url)!r} names an empty host")
         try:
             port = int(port_text) if port_text else default_port
         except ValueError:
-            raise ValueError(f"storage URL {_redact(url)!r}: port {port_text!r} is not a number") from None
+            raise ValueError(f"storage URL {redact_url(url)!r}: port {port_text!r} is not a number") from None
         if not 0 < port < 65536:
-            raise ValueError(f"storage URL {_redact(url)!r}: port {port} is out of range")
+            raise ValueError(f"storage URL {redact_url(url)!r}: port {port} is out of range")
         out.append((host, port))
     return tuple(out)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password, for error messages and logs."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, hosts = rest.rpartition("@")
@@ -86,17 +86,17 @@ def parse_store_url(url: str) -> StoreSpec:
         try:
             plain = parse_url(url)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"storage URL {_redact(url)!r} is malformed: {exc}") from None
+            raise ValueError(f"storage URL {redact_url(url)!r} is malformed: {exc}") from None
         if not url.startswith("unix://") and not plain.get("host"):  # a socket URL names a path instead
-            raise ValueError(f"storage URL {_redact(url)!r} names no host")
+            raise ValueError(f"storage URL {redact_url(url)!r} names no host")
         return StoreSpec(PLAIN, plain)
     if kind not in (SENTINEL, CLUSTER):
-        raise ValueError(f"unknown storage URL {_redact(url)!r}; valid schemes: {valid_schemes()}")
+        raise ValueError(f"unknown storage URL {redact_url(url)!r}; valid schemes: {valid_schemes()}")
     rest = url.split("://", 1)[1]
     netloc, _, path = rest.partition("/")
     path, _, query = path.partition("?")
     if query:
-        raise ValueError(f"storage URL {_redact(url)!r}: query options are not supported")
+        raise ValueError(f"storage URL {redact_url(url)!r}: query options are not supported")
     userinfo, at, hosts = netloc.rpartition("@")
     params: dict[str, Any] = {}
     if at:
@@ -106,19 +106,19 @@ def parse_store_url(url: str) -> StoreSpec:
         if password:
             params["password"] = urllib.parse.unquote(password)
     if not hosts:
-        raise ValueError(f"storage URL {_redact(url)!r} names no host")
+        raise ValueError(f"storage URL {redact_url(url)!r} names no host")
     nodes = _addresses(hosts, 26379 if kind == SENTINEL else 6379, url)
     parts = [p for p in path.split("/") if p]
     if kind == CLUSTER:
         if parts and parts != ["0"]:
-            raise ValueError(f"storage URL {_redact(url)!r}: Redis Cluster has only database 0")
+            raise ValueError(f"storage URL {redact_url(url)!r}: Redis Cluster has only database 0")
         return StoreSpec(kind, params, nodes)
     if not parts or len(parts) > 2:
-        raise ValueError(f"storage URL {_redact(url)!r} must name the Sentinel service: "
+        raise ValueError(f"storage URL {redact_url(url)!r} must name the Sentinel service: "
                          "redis+sentinel://host:26379[,host:26379]/service[/db]")
     if len(parts) == 2:
         if not parts[1].isdigit():
-            raise ValueError(f"storage URL {_redact(url)!r}: database {parts[1]!r} is not a number")
+            raise ValueError(f"storage URL {redact_url(url)!r}: database {parts[1]!r} is not a number")
         params["db"] = int(parts[1])
     return StoreSpec(kind, params, nodes, urllib.parse.unquote(parts[0]))
 

@@ -183,9 +183,11 @@ class SentinelServers(Topology):
                 return False
             for port in self.sentinel_ports:
                 sentinel = redis.Redis(port=port, decode_responses=True)
-                if len(sentinel.sentinel_sentinels(SERVICE)) != len(self.sentinel_ports) - 1:
+                others: list[dict] = sentinel.execute_command("SENTINEL SENTINELS", SERVICE)
+                replicas: list[dict] = sentinel.execute_command("SENTINEL SLAVES", SERVICE)
+                if len(others) != len(self.sentinel_ports) - 1:
                     return False
-                if not any(not r["is_sdown"] for r in sentinel.sentinel_slaves(SERVICE)):
+                if not any(not r["is_sdown"] for r in replicas):
                     return False
             info = self.client(masters.pop()).info("replication")
             return info["role"] == "master" and info.get("connected_slaves", 0) >= 1 and \

@@ -141,3 +141,14 @@ def test_memory_and_redis_give_the_same_check_replies(ops):
     finally:
         stores[1].reset()
         stores[1].close()
+
+
+@pytest.mark.parametrize("refuse", [
+    lambda url: Config.from_env({}, storage_url=url).validate(),
+    lambda url: RateLimiter(url, tier_limits={"free": 1}),
+    parse_store_url,
+], ids=["config", "limiter", "url_parser"])
+def test_a_refused_storage_url_never_repeats_its_password(refuse):
+    with pytest.raises(ValueError) as caught:
+        refuse("memcached://:hunter2secret@127.0.0.1:11211")
+    assert "hunter2secret" not in str(caught.value) and "memcached://:***@127.0.0.1:11211" in str(caught.value)
