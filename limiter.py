@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from config import DEFAULT_TIER
 from policy import default_policy, limit_name
 from redis_wire import redact_url
 from refusal_cache import EVERYTHING, RefusalCache
@@ -154,7 +155,7 @@ class RateLimiter:
             raise ValueError("tier_limits must name at least one tier")
         self.strategy = get_strategy(strategy)
         self.tier_limits = dict(tier_limits)
-        self.default_limit = tier_limits.get("free", min(tier_limits.values()))
+        self.default_limit = tier_limits.get(DEFAULT_TIER, min(tier_limits.values()))
         self.window, self.ip_limit, self.ip_window = window, ip_limit, ip_window
         self.ban_seconds, self.ban_multiplier = ban_seconds, ban_multiplier
         self.fail_mode = fail_mode
@@ -457,7 +458,7 @@ class RateLimiter:
         self._tier_rules = {tier: self.rule_limits(limits) for tier, limits in self.rules.tiers.items()}
         # per tier: (name, source, quota, window us, window s, shadow) of each limit, in the stores' order
         self._tier_meta = {tier: self._limit_meta(limits, "tier") for tier, limits in self.rules.tiers.items()}
-        self._rules_default = "free" if "free" in self._tier_rules else next(iter(self._tier_rules))
+        self._rules_default = DEFAULT_TIER if DEFAULT_TIER in self._tier_rules else next(iter(self._tier_rules))
         self._route_cache: dict[int, tuple[Any, list[RuleLimit], list[tuple]]] = {}
         self._override_cache: dict[str, list[tuple]] = {}
         self._period_cache: tuple[int, tuple[str, str]] = (-1, ("", ""))
@@ -468,7 +469,7 @@ class RateLimiter:
             for limits in self.rules.tiers.values())
         if self._simple and rules is not None:
             self.tier_limits = {tier: limits[0].quota for tier, limits in self.rules.tiers.items()}
-            self.default_limit = self.tier_limits.get("free", min(self.tier_limits.values()))
+            self.default_limit = self.tier_limits.get(DEFAULT_TIER, min(self.tier_limits.values()))
             self.policy = self.policy._replace(tier_limits=self.tier_limits, default_limit=self.default_limit)
 
     def _limit_meta(self, limits: Sequence[Any], source: str) -> list[tuple]:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from config import DEFAULT_TIER
 from store import (
     BAN_STARTED,
     BANNED,
@@ -62,7 +63,7 @@ class MemoryStore:
         self.policy = policy
         self.ip_log = SlidingWindow()
         self.rules: dict[str, list[RuleLimit]] = {}
-        self.rules_default = "free"
+        self.rules_default = DEFAULT_TIER
         self.rules_shadow = 0
         self._data: dict[str, list] = {}
         self._lock = threading.Lock()
