@@ -83,6 +83,7 @@ class LBConfig:
     max_connections: int = 1000  # client connections open at once (HAProxy's maxconn)
     request_head_timeout: float = 10.0  # whole request head, from its first byte (HAProxy's timeout http-request)
     keepalive_timeout: float = 30.0  # idle keep-alive client connection, until the next request's first byte
+    send_timeout: float = 60.0  # a client that takes none of an answer's bytes for this long (nginx's send_timeout)
     forward_auth_url: str = ""  # gateway mode: ask this decision endpoint before proxying (LB_FORWARD_AUTH_URL)
     forward_auth_timeout: float = 1.0
     forward_auth_fail: str = "closed"  # decision service unreachable: "closed" (503) or "open" (proxy anyway)
@@ -105,8 +106,8 @@ class LBConfig:
                 raise ConfigError(f"backend weight must be >= 1, got {spec.weight} for {spec.url}")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections (LB_MAX_CONNECTIONS) must be >= 1, got {self.max_connections}")
-        if self.request_head_timeout <= 0 or self.keepalive_timeout <= 0:
-            raise ConfigError("request_head_timeout and keepalive_timeout must be > 0 seconds")
+        if self.request_head_timeout <= 0 or self.keepalive_timeout <= 0 or self.send_timeout <= 0:
+            raise ConfigError("request_head_timeout, keepalive_timeout and send_timeout must be > 0 seconds")
         if self.forward_auth_url and not self.forward_auth_url.startswith(("http://", "https://")):
             raise ConfigError(f"--forward-auth must be an http:// or https:// URL, got {self.forward_auth_url!r}")
         if self.forward_auth_timeout <= 0:
@@ -219,6 +220,7 @@ def env_mapping(env: Mapping[str, str]) -> dict[str, Any]:
         ("LB_MAX_CONNECTIONS", "max_connections"),
         ("LB_REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
         ("LB_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
+        ("LB_SEND_TIMEOUT", "send_timeout"),
         ("LB_FORWARD_AUTH_URL", "forward_auth_url"),
         ("LB_FORWARD_AUTH_TIMEOUT", "forward_auth_timeout"),
         ("LB_FORWARD_AUTH_FAIL", "forward_auth_fail"),

@@ -500,6 +500,8 @@ class ProxyProtocol(asyncio.Protocol):
                     break
                 self.state = BUSY
                 await self._answer(item)
+                if not queue or queue[0] is not item:  # force_close() emptied the queue while it was answered
+                    break
                 queue.popleft()
                 if self._write_paused and not await self._writable():  # the client reads slower than
                     break  # it pipelines: answer no more (the queue then pauses reading) until it catches up
@@ -691,16 +693,20 @@ class ConnectionGuard:
     than a timer per request, which would cost every proxied request a timer to set and cancel.
     """
 
-    def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float) -> None:
+    def __init__(self, max_connections: int, head_timeout: float, keepalive_timeout: float,
+                 send_timeout: float = 60.0) -> None:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.sweep_seconds = max(0.05, min(1.0, head_timeout / 4, keepalive_timeout / 4))
+        self.send_timeout = send_timeout
+        self.sweep_seconds = max(0.05, min(1.0, head_timeout / 4, keepalive_timeout / 4, send_timeout / 4))
         self.open: dict[Guarded, None] = {}  # insertion order: oldest first
+        self._unsent: dict[Guarded, tuple[int, float]] = {}  # write buffer size last seen, and since when
         self.refused = 0
         self.evicted = 0
         self.head_timeouts = 0
         self.idle_timeouts = 0
+        self.send_timeouts = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
     def opened(self, conn: Guarded) -> None:
@@ -719,6 +725,7 @@ class ConnectionGuard:
 
     def closed(self, conn: Guarded) -> None:
         self.open.pop(conn, None)
+        self._unsent.pop(conn, None)
 
     def _sweep(self) -> None:
         """Close connections past their deadline; runs while any connection is open."""
@@ -741,8 +748,33 @@ class ConnectionGuard:
                 self.idle_timeouts += 1
             self.open.pop(conn, None)
             conn.force_close()
+        self._sweep_writes(now)
         if self.open:
             self._sweeper = loop.call_later(self.sweep_seconds, self._sweep)
+
+    def _sweep_writes(self, now: float) -> None:
+        """Close connections whose client has taken none of the bytes waiting for it for ``send_timeout``
+        (nginx's ``send_timeout``): a client that never reads would otherwise hold its slot, busy and so
+        never evicted, for ever. A write buffer that changed size between sweeps is progress."""
+        unsent = self._unsent
+        for conn in list(self.open):
+            transport = conn.transport
+            size = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
+            if not size:
+                if conn in unsent:
+                    del unsent[conn]
+                continue
+            seen = unsent.get(conn)
+            if seen is None or seen[0] != size:
+                unsent[conn] = (size, now)
+            elif now - seen[1] >= self.send_timeout:
+                self.send_timeouts += 1
+                log.info("closing a client connection that read nothing for %.0f s", self.send_timeout)
+                self.open.pop(conn, None)
+                del unsent[conn]
+                conn.force_close()
+                if isinstance(transport, asyncio.WriteTransport):  # close() waits for the buffer to drain: never
+                    transport.abort()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -752,6 +784,7 @@ class ConnectionGuard:
             "evicted": self.evicted,
             "head_timeouts": self.head_timeouts,
             "idle_timeouts": self.idle_timeouts,
+            "send_timeouts": self.send_timeouts,
         }
 
 

@@ -575,7 +575,8 @@ class Balancer:
         self.strategy: Strategy = STRATEGIES[config.strategy](self.env)
         self.session: ClientSession | None = None
         self.upstream = UpstreamPool(config.connect_timeout, config.buffer_bytes)
-        self.guard = ConnectionGuard(config.max_connections, config.request_head_timeout, config.keepalive_timeout)
+        self.guard = ConnectionGuard(config.max_connections, config.request_head_timeout, config.keepalive_timeout,
+                                     config.send_timeout)
         self.forward_auth: ForwardAuth | None = None
         if config.forward_auth_url:
             self.forward_auth = ForwardAuth(

@@ -116,6 +116,52 @@ async def test_client_that_never_reads_cannot_make_the_balancer_buffer_every_pip
     assert len(backend.requests) == 120
 
 
+@async_test
+async def test_client_that_reads_nothing_is_closed_after_send_timeout_and_frees_its_slot() -> None:
+    """A busy connection is never evicted at the cap, so a client that asks for a large answer and
+    never reads it held its slot for ever: 1000 of them locked everyone out. After ``send_timeout``
+    with none of its bytes taken, the connection is aborted (nginx's send_timeout)."""
+    backend = RawRecorder(body=b"x" * (8 * 1024 * 1024))
+    config = {"checks": False, "send_timeout": 0.5, "max_connections": 2}
+    async with raw_backend(backend) as url, running_lb(make_config([url], **config)) as h:
+        stalled = []
+        for _ in range(2):  # every slot held by a client that reads nothing
+            reader, writer = await open_client(h.url)
+            writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            writer.write(b"GET /big HTTP/1.1\r\nHost: lb\r\n\r\n")
+            stalled.append((reader, writer))
+        await wait_until(lambda: len(backend.requests) == 2)
+        await wait_until(lambda: h.lb.guard.send_timeouts == 2)
+        assert not h.lb.guard.open
+        for _, writer in stalled:
+            writer.close()
+        reader, writer = await open_client(h.url)  # a slot is free again
+        writer.write(b"GET /stats HTTP/1.1\r\nHost: lb\r\n\r\n")
+        [(status, _, body)] = await read_responses(reader, 1)
+        writer.close()
+    assert status == 200 and json.loads(body)["connections"]["send_timeouts"] == 2
+
+
+@async_test
+async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
+    """Progress resets the send timeout: a client taking a large answer in small steady reads gets all of it,
+    though the balancer's write buffer never empties in between."""
+    size = 12 * 1024 * 1024
+    backend = RawRecorder(body=b"y" * size)
+    async with raw_backend(backend) as url, running_lb(make_config([url], checks=False, send_timeout=1.0)) as h:
+        reader, writer = await open_client(h.url)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        await wait_until(lambda: any(c.transport is not None and c.transport.get_write_buffer_size()
+                                     for c in lean_connections(h)))
+        received = bytearray()
+        while chunk := await reader.read(64 * 1024):
+            received += chunk
+            await asyncio.sleep(0.002)  # a slow client: at most ~30 MB/s, each read well inside the timeout
+        writer.close()
+        assert h.lb.guard.send_timeouts == 0
+    assert len(received) > size and received.endswith(b"y" * size)
+
+
 # --------------------------------------------------------------------------- request bodies
 
 

@@ -1396,3 +1396,13 @@ async def test_trickling_connections_are_capped_and_timed_out_and_a_normal_reque
     assert stats["evicted"] >= 1 and stats["head_timeouts"] >= 1
     assert stats["evicted"] + stats["head_timeouts"] >= 200  # at most 100 were open at a time
     assert stats["max"] == 100
+
+
+def test_send_timeout_comes_from_the_file_or_the_environment_and_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"send_timeout": 15}))
+    assert load_config(parse_args([]), {}).send_timeout == 60.0
+    assert load_config(parse_args(["--config", str(path)]), {}).send_timeout == 15.0
+    assert load_config(parse_args([]), {"LB_SEND_TIMEOUT": "2.5"}).send_timeout == 2.5
+    with pytest.raises(ConfigError, match="send_timeout must be > 0"):
+        load_config(parse_args([]), {"LB_SEND_TIMEOUT": "0"})
