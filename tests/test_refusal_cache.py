@@ -4,8 +4,10 @@ admitted again, and every write that could admit it earlier reaches every proces
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,7 @@ def instances(url, clock):
         rl = RateLimiter(url, clock=clock, key_prefix=prefix, **kwargs)
         made.append(rl)
         if rl._refusals is not None:
+            heard_over_pubsub(rl)
             rl._refusals.ready()
             wait_until(lambda: rl._refusals.live)
         return rl
@@ -76,6 +79,35 @@ def count_store_calls(rl: RateLimiter) -> list[int]:
     return calls
 
 
+HEARD: dict[int, list[str]] = {}  # id(limiter) -> names its subscriber thread received, in order
+
+
+def heard_over_pubsub(rl: RateLimiter) -> None:
+    """Record the invalidations ``rl``'s subscriber receives (not its own local drops)."""
+    cache, heard = rl._refusals, HEARD.setdefault(id(rl), [])
+    drop = cache.drop
+
+    def recording_drop(name: str) -> None:
+        if threading.current_thread().name == "refusal-cache":
+            heard.append(name)
+        drop(name)
+
+    cache.drop = recording_drop
+
+
+def settled(write: Callable[[], object], name: str, *limiters: RateLimiter) -> None:
+    """Make a write that publishes ``name`` and wait until each limiter's subscriber has received it.
+
+    A refusal is cached only if no invalidation arrives while it is decided, and an arriving one drops
+    it: a write's message still in flight (its echo included) would otherwise drop, or keep out, the
+    refusal a test then looks for. In production that only costs one store round trip."""
+    before = [HEARD[id(rl)].count(name) for rl in limiters]
+    write()
+    for rl, count in zip(limiters, before, strict=True):
+        wait_until(lambda rl=rl, count=count: HEARD[id(rl)].count(name) > count, 5,
+                   message=f"{name} never arrived over pub/sub")
+
+
 def exhaust(rl: RateLimiter, subject: str, ip: str = "1.1.1.1") -> None:
     while rl.check_request(ip, subject).result.allowed:
         pass
@@ -83,7 +115,7 @@ def exhaust(rl: RateLimiter, subject: str, ip: str = "1.1.1.1") -> None:
 
 def test_a_refusal_is_answered_from_memory_until_retry_after_exactly(instances, clock):
     rl = instances(ip_limit=1000)
-    rl.set_meta("k", tier="free", blocked=False)
+    settled(lambda: rl.set_meta("k", tier="free", blocked=False), "s:k", rl)
     for _ in range(5):
         rl.check_request("1.1.1.1", "k")
         clock.now += 1
@@ -115,7 +147,7 @@ def test_requests_with_flags_always_ask_the_store(instances):
 
 def test_tier_change_on_one_instance_invalidates_the_others(instances):
     a, b = instances(), instances()
-    b.set_meta("k", tier="free", blocked=False)
+    settled(lambda: b.set_meta("k", tier="free", blocked=False), "s:k", b)
     exhaust(b, "k")
     assert b._refusals.get("s:k", round(b._clock() * 1e6)) is not None
     start = time.monotonic()
@@ -129,17 +161,17 @@ def test_tier_change_on_one_instance_invalidates_the_others(instances):
 
 def test_block_unblock_delete_meta_and_reset_invalidate_the_others(instances):
     a, b = instances(), instances()
-    b.set_meta("k", tier="free", blocked=False)
+    settled(lambda: b.set_meta("k", tier="free", blocked=False), "s:k", b)
     exhaust(b, "k")
     a.set_meta("k", tier="free", blocked=True)
     wait_until(lambda: b._refusals.get("s:k", round(b._clock() * 1e6)) is None, 5)
     assert b.check_request("1.1.1.1", "k").blocked
-    a.set_meta("k", tier="free", blocked=False)
+    settled(lambda: a.set_meta("k", tier="free", blocked=False), "s:k", b)
     exhaust(b, "k")  # still exhausted: refused and cached again
     a.delete_meta("k")
     wait_until(lambda: b._refusals.get("s:k", round(b._clock() * 1e6)) is None, 5)
     assert b.check_request("1.1.1.1", "k").meta_missing
-    b.set_meta("k", tier="free", blocked=False)
+    settled(lambda: b.set_meta("k", tier="free", blocked=False), "s:k", b)
     exhaust(b, "k")
     a.reset()
     wait_until(lambda: b._refusals.get("s:k", round(b._clock() * 1e6)) is None, 5)
@@ -159,7 +191,7 @@ def test_a_cached_ban_is_lifted_everywhere_by_unban(instances):
 
 def test_a_lost_subscription_drops_every_refusal_until_resubscribed(url, instances):
     rl = instances()
-    rl.set_meta("k", tier="free", blocked=False)
+    settled(lambda: rl.set_meta("k", tier="free", blocked=False), "s:k", rl)
     exhaust(rl, "k")
     cache = rl._refusals
     assert cache.get("s:k", round(rl._clock() * 1e6)) is not None
