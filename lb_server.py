@@ -13,6 +13,7 @@ aiohttp's routing, limits and error handling. ``ConnectionGuard`` caps and times
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
+
+from lb_upstream import BodyPieces
 
 log = logging.getLogger(__name__)
 
@@ -108,64 +111,32 @@ class HeadTooLarge(Exception):
 # --------------------------------------------------------------------------- requests
 
 
-class RequestBody:
+class RequestBody(BodyPieces):
     """A request body as the parser delivers it, read once by the proxy with flow control."""
 
-    __slots__ = ("_conn", "_pieces", "_queued", "_waiter", "complete", "error")
+    __slots__ = ()
 
-    def __init__(self, conn: ProxyProtocol) -> None:
-        self._conn = conn
-        self._pieces: deque[bytes] = deque()
-        self._queued = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.error: BaseException | None = None
+    def __init__(self, conn: ProxyProtocol | None) -> None:
+        if conn is None:  # EMPTY_BODY: finished at once, never fed
+            super().__init__(_nothing, _nothing, BODY_HIGH_WATER)
+        else:
+            super().__init__(functools.partial(conn.pause, "body"), functools.partial(conn.resume, "body"),
+                             BODY_HIGH_WATER)
 
-    def feed(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._queued += len(data)
-        if self._queued > BODY_HIGH_WATER:
-            self._conn.pause("body")
-        self._wake()
+    def cut_short(self, error: BaseException) -> Exception:
+        return ConnectionResetError(f"client connection lost mid-body: {error}")
 
-    def finish(self, error: BaseException | None = None) -> None:
-        if not self.complete:
-            self.complete, self.error = True, error
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         """Pieces as they arrive (each at most what one read delivered); ConnectionResetError if the client left."""
-        while True:
-            if self._pieces:
-                data = self._pieces.popleft()
-                self._queued -= len(data)
-                if self._queued <= BODY_HIGH_WATER // 2:
-                    self._conn.resume("body")
-                yield data
-            elif self.complete:
-                if self.error is not None:
-                    raise ConnectionResetError(f"client connection lost mid-body: {self.error}")
-                return
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+        return self.pieces()
 
 
-EMPTY_BODY = RequestBody.__new__(RequestBody)
-EMPTY_BODY._pieces, EMPTY_BODY._queued, EMPTY_BODY._waiter, EMPTY_BODY.complete, EMPTY_BODY.error = (
-    deque(),
-    0,
-    None,
-    True,
-    None,
-)
+def _nothing() -> None:
+    """The flow control of a body that never receives a piece."""
+
+
+EMPTY_BODY = RequestBody(None)
+EMPTY_BODY.finish()
 
 
 class ProxyRequest:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,15 @@ class UpstreamError(Exception):
         self.stale = stale  # a reused keep-alive connection closed before any byte of the answer
 
 
-class UpstreamResponse:
-    """Status, headers and either the whole (small) body or a stream of body pieces."""
+class BodyPieces:
+    """A body handed, piece by piece as a protocol reads it, to the one task that relays it; with flow
+    control: past ``high_water`` queued bytes the source's reading is paused, at half it resumes.
+    Backend responses (``UpstreamResponse``) and client request bodies (lb_server) both use it."""
 
-    def __init__(self, conn: UpstreamConnection, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        self.conn = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length: int | None = None
-        self.connection: str | None = None
-        self.body: bytes | None = None
+    __slots__ = ("_pause", "_resume", "_high_water", "_pieces", "_queued", "_waiter", "complete", "error")
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None], high_water: int) -> None:
+        self._pause, self._resume, self._high_water = pause, resume, high_water
         self._pieces: deque[bytes] = deque()
         self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -60,41 +58,67 @@ class UpstreamResponse:
     def feed(self, data: bytes) -> None:
         self._pieces.append(data)
         self._queued += len(data)
-        if self._queued > STREAM_HIGH_WATER:
-            self.conn.pause_reading()
+        if self._queued > self._high_water:
+            self._pause()
         self._wake()
 
     def finish(self, error: BaseException | None = None) -> None:
-        self.complete = True
-        self.error = error
-        self._wake()
+        """The body ended (``error``: cut short); the first call decides."""
+        if not self.complete:
+            self.complete, self.error = True, error
+            self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
-        """Yield body pieces as they arrive; raise UpstreamError if the body is cut short."""
+    def cut_short(self, error: BaseException) -> Exception:
+        """What the reader raises when the body ended with ``error``."""
+        return UpstreamError(f"body cut short: {error}")
+
+    async def pieces(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Pieces as they arrive (each what one read delivered); ``cut_short`` if the body ended early,
+        UpstreamError if ``timeout`` seconds pass without a piece."""
         while True:
             if self._pieces:
                 data = self._pieces.popleft()
                 self._queued -= len(data)
-                if self._queued < STREAM_HIGH_WATER // 2:
-                    self.conn.resume_reading()
+                if self._queued <= self._high_water // 2:
+                    self._resume()
                 yield data
             elif self.complete:
                 if self.error is not None:
-                    raise UpstreamError(f"body cut short: {self.error}")
+                    raise self.cut_short(self.error)
                 return
             else:
                 self._waiter = asyncio.get_running_loop().create_future()
                 try:
-                    async with asyncio.timeout(read_timeout):
+                    async with asyncio.timeout(timeout):
                         await self._waiter
                 except TimeoutError:
-                    raise UpstreamError(f"no body data for {read_timeout}s") from None
+                    raise UpstreamError(f"no body data for {timeout}s") from None
                 finally:
                     self._waiter = None
+
+
+class UpstreamResponse(BodyPieces):
+    """Status, headers and either the whole (small) body or a stream of body pieces."""
+
+    __slots__ = ("conn", "status", "reason", "headers", "content_length", "connection", "body")
+
+    def __init__(self, conn: UpstreamConnection, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        super().__init__(conn.pause_reading, conn.resume_reading, STREAM_HIGH_WATER)
+        self.conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length: int | None = None
+        self.connection: str | None = None
+        self.body: bytes | None = None
+
+    def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
+        """Yield body pieces as they arrive; raise UpstreamError if the body is cut short or stalls."""
+        return self.pieces(read_timeout)
 
 
 class UpstreamConnection(asyncio.Protocol):
